@@ -1,0 +1,42 @@
+"""The contract between a distillation loss and any trainer.
+
+A loss is a plain ``nn.Module``: ``loss(student, teacher, ...)`` on tensors works in any training loop.
+For the experiment engine it also declares which feature taps it reads (``taps``) and how to call
+itself from the tapped features (``distill``), so the engine never needs to know the method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+__all__ = ["DistillLoss"]
+
+
+class DistillLoss(nn.Module):
+    """Base class of every registered loss.
+
+    Attributes:
+        taps: names of the features the loss reads from each network, in the order ``distill`` passes
+            them. ``"logits"`` is the network's output; other names are feature taps (``"penultimate"``,
+            ``"stage1"``, ...) that the engine resolves with forward hooks. A config may override them.
+        batch_keys: fields of the batch the loss needs besides the features (e.g. ``"index"``).
+    """
+
+    taps: ClassVar[tuple[str, ...]] = ("penultimate",)
+    batch_keys: ClassVar[tuple[str, ...]] = ()
+
+    def distill(
+        self,
+        student: Mapping[str, Any],
+        teacher: Mapping[str, Any],
+        batch: Mapping[str, Any] | None = None,
+    ) -> torch.Tensor:
+        """Call the loss on the tapped features: one tap -> ``self(s, t)``; several -> lists."""
+        taps = tuple(self.taps)
+        if len(taps) == 1:
+            return self(student[taps[0]], teacher[taps[0]])
+        return self([student[k] for k in taps], [teacher[k] for k in taps])

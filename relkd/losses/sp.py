@@ -1,0 +1,58 @@
+r"""Similarity-preserving knowledge distillation.
+
+.. math::
+    \tilde G = \mathrm{rownorm}(X X^\top), \qquad
+    \mathcal{L}_{SP} = \frac{1}{B^2} \big\| \tilde G_s - \tilde G_t \big\|_F^2
+
+Tung & Mori, "Similarity-Preserving Knowledge Distillation", ICCV 2019, Eq. 2-4: each row of the
+batch Gram matrix is L2-normalised (a zero row stays zero, as with the authors' ``F.normalize``). The paper
+applies it to each chosen layer's activations flattened per sample; pass ``[B, C, H, W]`` maps as they
+are. The loss is invariant to a common scaling of the features.
+
+Shapes:
+    student ``[B, ...]``, teacher ``[B, ...]`` (widths may differ) or RelationGraphs -> scalar.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from relkd.graphs import RelationGraph
+from relkd.graphs.ops import distance_from_sq, inv_or_zero
+from relkd.losses._inputs import graph_pair, reduce
+from relkd.losses.base import DistillLoss
+from relkd.losses.registry import register
+
+__all__ = ["similarity_preserving", "SPLoss"]
+
+Input = torch.Tensor | RelationGraph
+
+
+def _row_normalized(g: torch.Tensor) -> torch.Tensor:
+    return g * inv_or_zero(distance_from_sq(g.square().sum(-1, keepdim=True)))
+
+
+def similarity_preserving(student: Input, teacher: Input, reduction: str = "mean") -> torch.Tensor:
+    """SP loss: squared Frobenius distance of the row-normalised Gram matrices over ``B^2``."""
+    s, t = graph_pair("similarity_preserving", student, teacher)
+    diff = _row_normalized(s.gram) - _row_normalized(t.gram)
+    loss = diff.square().mean()
+    return reduce(loss, s.num_nodes**2, reduction, "similarity_preserving")
+
+
+@register("sp")
+class SPLoss(DistillLoss):
+    """Module form of :func:`similarity_preserving`. The paper's CIFAR weight is 3000.
+
+    Config::
+
+        losses:
+          sp: {weight: 3000.0}
+    """
+
+    def __init__(self, reduction: str = "mean") -> None:
+        super().__init__()
+        self.reduction = reduction
+
+    def forward(self, student: Input, teacher: Input) -> torch.Tensor:
+        return similarity_preserving(student, teacher, reduction=self.reduction)
