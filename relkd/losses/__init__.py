@@ -6,6 +6,8 @@ Build any loss by name with :func:`build`; :func:`available` lists the names.
 from relkd.losses import functional
 from relkd.losses.base import DistillLoss
 from relkd.losses.cc import CCLoss
+from relkd.losses.crd import CRDLoss
+from relkd.losses.hkd import HKDLoss
 from relkd.losses.kd import KDLoss
 from relkd.losses.pkt import PKTLoss
 from relkd.losses.registry import LOSSES, available, build, register
@@ -24,4 +26,6 @@ __all__ = [
     "build",
     "register",
     "functional",
+    "HKDLoss",
+    "CRDLoss",
 ]

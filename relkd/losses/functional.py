@@ -1,6 +1,8 @@
 """Functional forms of every loss: pure math on tensors or RelationGraphs."""
 
 from relkd.losses.cc import correlation_congruence
+from relkd.losses.crd import crd
+from relkd.losses.hkd import hkd
 from relkd.losses.kd import kd
 from relkd.losses.pkt import pkt
 from relkd.losses.rkd import rkd_angle, rkd_distance
@@ -13,4 +15,6 @@ __all__ = [
     "similarity_preserving",
     "correlation_congruence",
     "pkt",
+    "hkd",
+    "crd",
 ]

@@ -1,0 +1,167 @@
+"""Memory banks, the FIFO queue and negative sampling: exact updates, exact resume, sampling laws."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relkd.memory import MemoryBank, NegativeSampler, QueueBank
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+# ------------------------------------------------------------------------------------------ sampling
+@settings(max_examples=60, deadline=None)
+@given(
+    labels=st.lists(st.integers(0, 4), min_size=2, max_size=40).filter(lambda v: len(set(v)) > 1),
+    seed=st.integers(0, 2**31 - 1),
+    num_negatives=st.integers(1, 50),
+)
+def test_other_class_negatives_never_share_the_anchor_class(labels, seed, num_negatives):
+    targets = torch.tensor(labels)
+    sampler = NegativeSampler(len(labels), targets)
+    torch.manual_seed(seed)
+    index = torch.randint(0, len(labels), (int(torch.randint(1, 20, ())),))
+    negatives = sampler(index, num_negatives)
+    assert negatives.shape == (len(index), num_negatives)
+    assert negatives.dtype == torch.long and negatives.device == index.device
+    assert ((negatives >= 0) & (negatives < len(labels))).all()
+    assert not (targets[negatives] == targets[index].unsqueeze(1)).any()
+
+
+def test_other_class_law_is_uniform_over_the_other_classes():
+    targets = torch.tensor([2, 0, 1, 2, 2, 0, 1, 1, 5])
+    torch.manual_seed(0)
+    draws = NegativeSampler(9, targets)(torch.tensor([3]), 90_000)[0]
+    freq = torch.bincount(draws, minlength=9).double() / draws.numel()
+    allowed = targets != 2
+    expected = 1.0 / int(allowed.sum())  # six entries of other classes, 1/6 each
+    assert (freq[~allowed] == 0).all()
+    # binomial standard deviation sqrt(p (1 - p) / n) ~ 0.0012; allow 5 of them
+    assert (freq[allowed] - expected).abs().max() < 5 * math.sqrt(expected / 90_000)
+
+
+def test_uniform_law_covers_every_entry():
+    torch.manual_seed(0)
+    draws = NegativeSampler(7)(torch.zeros(3, dtype=torch.long), 20_000)
+    freq = torch.bincount(draws.flatten(), minlength=7).double() / draws.numel()
+    assert (freq - 1 / 7).abs().max() < 0.01
+
+
+def test_sampling_is_reproducible_under_manual_seed():
+    sampler = NegativeSampler(30, torch.arange(30) % 3)
+    index = torch.arange(5)
+    torch.manual_seed(7)
+    a = sampler(index, 11)
+    torch.manual_seed(7)
+    b = sampler(index, 11)
+    assert torch.equal(a, b)
+
+
+def test_sampler_tables_are_not_checkpoint_state():
+    assert NegativeSampler(6, torch.tensor([0, 1, 0, 1, 2, 2])).state_dict() == {}
+
+
+@pytest.mark.parametrize(
+    "targets,match",
+    [
+        (torch.zeros(5, dtype=torch.long), "at least two classes"),
+        (torch.tensor([0, 1, 0]), r"shape \[5\]"),
+        (torch.rand(5), "integer class labels"),
+        (torch.tensor([0, 1, -1, 0, 1]), "non-negative"),
+    ],
+)
+def test_sampler_rejects_bad_targets(targets, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        NegativeSampler(5, targets)
+
+
+# -------------------------------------------------------------------------------------- memory bank
+def test_bank_starts_uniform_within_the_authors_bound():
+    torch.manual_seed(0)
+    bank = MemoryBank(200, 12)
+    bound = 1 / math.sqrt(12 / 3)
+    assert bank.memory.abs().max() <= bound
+    assert bank.memory.min() < -0.9 * bound and bank.memory.max() > 0.9 * bound
+
+
+def test_bank_update_applies_the_momentum_exactly():
+    torch.manual_seed(0)
+    bank = MemoryBank(10, 4, momentum=0.9).double()
+    before = bank.memory.clone()
+    index = torch.tensor([7, 2, 5])
+    x = unit(torch.randn(3, 4, dtype=torch.float64))
+    bank.update(index, x)
+    expected = before.clone()
+    for row, i in enumerate(index.tolist()):
+        v = 0.9 * before[i] + 0.1 * x[row]
+        expected[i] = v / math.sqrt(float((v * v).sum()))
+    torch.testing.assert_close(bank.memory, expected, rtol=1e-14, atol=0)
+    untouched = torch.tensor([i not in (7, 2, 5) for i in range(10)])
+    assert torch.equal(bank.memory[untouched], before[untouched])
+
+
+def test_bank_update_keeps_a_pending_backward_valid():
+    torch.manual_seed(0)
+    bank = MemoryBank(6, 3)
+    anchor = torch.randn(2, 3, requires_grad=True)
+    old = bank.memory.clone()
+    scores = anchor @ bank.memory.t()
+    bank.update(torch.tensor([0, 1]), torch.randn(2, 3))
+    scores.sum().backward()
+    torch.testing.assert_close(anchor.grad, old.sum(0).expand(2, 3))
+
+
+def test_bank_round_trips_through_state_dict_bit_exactly():
+    torch.manual_seed(0)
+    bank = MemoryBank(8, 5)
+    bank.update(torch.tensor([1, 4]), torch.randn(2, 5))
+    fresh = MemoryBank(8, 5)
+    fresh.load_state_dict(bank.state_dict())
+    assert torch.equal(fresh.memory, bank.memory)
+
+
+def test_bank_rejects_a_momentum_outside_unit_interval():
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        MemoryBank(4, 2, momentum=1.0)
+
+
+# -------------------------------------------------------------------------------------------- queue
+def test_queue_overwrites_the_oldest_slots_and_wraps():
+    torch.manual_seed(0)
+    queue = QueueBank(5, 2)
+    initial = queue.memory.clone()
+    a, b = torch.randn(3, 2), torch.randn(3, 2)
+    queue.update(torch.arange(3), a)
+    queue.update(torch.arange(3), b)
+    assert torch.equal(queue.memory[0], b[2])
+    assert torch.equal(queue.memory[1:3], a[1:3])
+    assert torch.equal(queue.memory[3:5], b[0:2])
+    assert int(queue.ptr) == 1
+    assert not torch.equal(queue.memory, initial)
+
+
+def test_queue_positive_is_the_current_embedding_detached():
+    x = torch.randn(3, 4, requires_grad=True)
+    pos = QueueBank(8, 4).positive(torch.arange(3), x)
+    assert torch.equal(pos, x.detach()) and not pos.requires_grad
+
+
+def test_queue_round_trips_memory_and_pointer():
+    torch.manual_seed(0)
+    queue = QueueBank(6, 3)
+    queue.update(torch.arange(4), torch.randn(4, 3))
+    fresh = QueueBank(6, 3)
+    fresh.load_state_dict(queue.state_dict())
+    assert torch.equal(fresh.memory, queue.memory) and int(fresh.ptr) == 4
+
+
+def test_queue_rejects_a_batch_larger_than_itself():
+    with pytest.raises(ValueError, match="queue_size at least as large as the batch"):
+        QueueBank(2, 3).update(torch.arange(3), torch.randn(3, 3))
