@@ -9,6 +9,8 @@ from relkd.losses.cc import CCLoss
 from relkd.losses.crd import CRDLoss
 from relkd.losses.hkd import HKDLoss
 from relkd.losses.kd import KDLoss
+from relkd.losses.kdsvd import KDSVDLoss
+from relkd.losses.mhgd import MHGDLoss
 from relkd.losses.pkt import PKTLoss
 from relkd.losses.registry import LOSSES, available, build, register
 from relkd.losses.rkd import RKDLoss
@@ -28,4 +30,6 @@ __all__ = [
     "functional",
     "HKDLoss",
     "CRDLoss",
+    "KDSVDLoss",
+    "MHGDLoss",
 ]

@@ -7,6 +7,7 @@ import warnings
 import torch
 
 from relkd._debug import check_finite
+from relkd.distributed import global_graph, global_relations_enabled, is_global_graph
 from relkd.graphs import RelationGraph, as_graph
 
 _warned: set[str] = set()
@@ -26,6 +27,10 @@ def graph_pair(
 ) -> tuple[RelationGraph, RelationGraph]:
     """Student and teacher graphs; the teacher is detached (it is a constant of the loss).
 
+    Under global relations (:mod:`relkd.distributed`) tensors are gathered from every rank first, so
+    the graphs relate the global batch; a ``RelationGraph`` is taken as it is, with a warning (once) if
+    it was not built over the global batch (:func:`relkd.distributed.global_graph`).
+
     Raises ``ValueError`` on a batch of graphs or different batch sizes; warns once when the batch is
     smaller than ``min_nodes`` (the relation is then trivial and the loss is 0, still differentiable).
     """
@@ -41,6 +46,14 @@ def graph_pair(
             f"{name}: expected student and teacher with the same batch size, got "
             f"{s.num_nodes} and {t.num_nodes}"
         )
+    if global_relations_enabled():
+        s, t = _global(name, "student", student, s), _global(name, "teacher", teacher, t)
+        if s.num_nodes != t.num_nodes:
+            raise ValueError(
+                f"{name}: under global relations the student graph has {s.num_nodes} nodes and the "
+                f"teacher graph {t.num_nodes}: tensors are gathered from every rank, a RelationGraph is "
+                "not; pass both sides as tensors or build both graphs with relkd.distributed.global_graph"
+            )
     if s.num_nodes < min_nodes:
         warn_once(
             name,
@@ -50,6 +63,20 @@ def graph_pair(
     check_finite(name, "student input", s.x)
     check_finite(name, "teacher input", t.x)
     return s, t
+
+
+def _global(name: str, side: str, given: torch.Tensor | RelationGraph, graph: RelationGraph) -> RelationGraph:
+    """``graph`` over the global batch: gathered if it came as a tensor, as it is if it came as a graph."""
+    if not isinstance(given, RelationGraph):
+        return global_graph(graph.x)
+    # the record of global graphs is kept in eager mode only (a weak set would break a compiled graph)
+    if not torch.compiler.is_compiling() and not is_global_graph(given):
+        warn_once(
+            f"{name}/{side}/local graph",
+            f"{name}: the {side} RelationGraph holds one rank's shard, so its relations miss the other "
+            "ranks' examples; build it with relkd.distributed.global_graph or pass tensors",
+        )
+    return graph
 
 
 def reduce(mean: torch.Tensor, count: int, reduction: str, name: str) -> torch.Tensor:

@@ -22,7 +22,11 @@ code (github.com/HobbitLong/RepDistiller, ``crd/``): 128-d, ``tau = 0.07``, ``K 
   (MoCo-style) for datasets whose banks would not fit: negatives are then uniform queue slots and an
   anchor's positive is the other network's current (detached) embedding of the same example;
   ``momentum`` is unused and the noise prior stays ``1 / N``;
-* the loss is computed in log space; in ``eval()`` mode no state (banks, ``Z``) changes.
+* the loss is computed in log space; in ``eval()`` mode no state (banks, ``Z``) changes;
+* under data parallelism with global relations (:mod:`relkd.distributed`) each rank contrasts its own
+  anchors (the mean over ranks is the loss of the global batch), ``Z`` is estimated over the global
+  batch, and the banks are updated with every rank's embeddings and indices, so they stay identical on
+  every rank.
 
 The projections ``embed_s``/``embed_t`` are trainable submodules: optimise ``student.parameters()``
 together with ``loss.parameters()``. The teacher backbone gets no gradient.
@@ -39,6 +43,7 @@ from typing import Any
 import torch
 
 from relkd._debug import check_finite
+from relkd.distributed import all_gather, global_relations_enabled, reduce_mean
 from relkd.graphs.ops import full_precision
 from relkd.losses.base import DistillLoss
 from relkd.losses.contrast import Embed, contrast_scores, nce_loss, nce_normalizer
@@ -184,10 +189,17 @@ class CRDLoss(DistillLoss):
                 negatives,
             )
             stored = self.normalizer.to(s.dtype)
-            z = torch.where(stored > 0, stored, _estimate(scores, self.num_data, self.temperature))
+            estimate = _estimate(scores, self.num_data, self.temperature)
+            sync = self.training and global_relations_enabled()
+            if sync:
+                estimate = reduce_mean(estimate)
+            z = torch.where(stored > 0, stored, estimate)
             loss = sum(nce_loss(x, z[i], self.num_data, self.temperature) for i, x in enumerate(scores))
             if self.training:
                 self.normalizer.copy_(z)
+                if sync:
+                    index = all_gather(index)
+                    s, t = all_gather(torch.cat([s, t], -1).detach()).split(s.shape[-1], -1)
                 self.student_bank.update(index, s)
                 self.teacher_bank.update(index, t)
         check_finite("crd", "loss", loss)

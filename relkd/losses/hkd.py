@@ -37,6 +37,10 @@ CRD takes them from the other network's bank, ``"other"``). Where we differ:
 * banks are updated on every training step, also when ``B < k`` (the code returns before the update);
   in ``eval()`` mode the loss is computed and no state changes;
 * normalisation divides by ``max(||x||, 1e-12)`` (the code divides by ``||x||``); ``B = 1`` works.
+* under data parallelism with global relations (:mod:`relkd.distributed`) the kNN graph and the GNN
+  run over the global batch (``B`` above is the global batch size) while each rank contrasts its own
+  anchors (the mean over ranks is the loss of the global batch); the banks are updated with every
+  rank's embeddings and indices, so they stay identical on every rank.
 
 Trainable parts (the two projections ``embed_s``/``embed_t`` and the two encoders ``gnn_s``/``gnn_t``)
 are submodules: optimise ``student.parameters()`` together with ``loss.parameters()``. The teacher
@@ -56,6 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from relkd._debug import check_finite
+from relkd.distributed import all_gather, global_relations_enabled, rank
 from relkd.gnn import create as create_gnn
 from relkd.graphs import RelationGraph, knn_from_relation
 from relkd.graphs.ops import full_precision
@@ -119,6 +124,24 @@ def hkd(
 
 def _smoothed(bank_rows: torch.Tensor, graph: torch.Tensor, smooth: float) -> torch.Tensor:
     return F.normalize(smooth * bank_rows + (1.0 - smooth) * graph.detach(), dim=-1)
+
+
+def _global_batch(
+    s: torch.Tensor,
+    t: torch.Tensor,
+    logits_s: torch.Tensor,
+    logits_t: torch.Tensor,
+    index: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, slice]:
+    """Embeddings, detached logits and indices of every rank under global relations (else this
+    rank's), and the rows of this rank's shard among them. Two collectives: floats, then indices."""
+    if not global_relations_enabled():
+        return s, t, logits_s, logits_t, index, slice(None)
+    widths = [s.shape[-1], t.shape[-1], logits_s.shape[-1], logits_t.shape[-1]]
+    logits = [z.detach().to(s.dtype) for z in (logits_s, logits_t)]
+    s_all, t_all, logits_s, logits_t = all_gather(torch.cat([s, t, *logits], -1)).split(widths, -1)
+    start = rank() * s.shape[0]
+    return s_all, t_all, logits_s, logits_t, all_gather(index), slice(start, start + s.shape[0])
 
 
 @register("hkd")
@@ -200,10 +223,13 @@ class HKDLoss(DistillLoss):
         with full_precision(student_feat.device):
             s = self.embed_s(student_feat)
             t = self.embed_t(teacher_feat.detach())
+            s_all, t_all, logits_s, logits_t, index_all, rows = _global_batch(
+                s, t, student_logits, teacher_logits, index
+            )
             gs = gt = None
-            if b >= self.k:
-                gs = self.gnn_s(s, self._knn(student_logits, s.dtype))
-                gt = self.gnn_t(t, self._knn(teacher_logits, t.dtype))
+            if s_all.shape[0] >= self.k:
+                gs = self.gnn_s(s_all, self._knn(logits_s, s.dtype))[rows]
+                gt = self.gnn_t(t_all, self._knn(logits_t, t.dtype))[rows]
             if negatives is None:
                 negatives = self.sampler(index, self.num_negatives)
             loss = hkd(
@@ -220,8 +246,8 @@ class HKDLoss(DistillLoss):
                 negatives_from=self.negatives_from,
             )
             if self.training:
-                self.student_bank.update(index, s)
-                self.teacher_bank.update(index, t)
+                self.student_bank.update(index_all, s_all)
+                self.teacher_bank.update(index_all, t_all)
         check_finite("hkd", "loss", loss)
         return loss
 
