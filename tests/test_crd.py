@@ -244,3 +244,20 @@ def test_wrong_feature_width_is_named():
     inputs["student_feat"] = torch.randn(B, DS + 1, dtype=torch.float64)
     with pytest.raises(ValueError, match=f"expected features with {DS} values per sample"):
         make_loss()(**inputs)
+
+
+@pytest.mark.parametrize("num_data", [10, 1000])
+def test_bank_scores_both_forms_exact(num_data):
+    """Scoring the whole bank (B*K >= N) and gathering the rows (B*K < N) give a_b . v_n exactly."""
+    from relkd.losses.contrast import bank_scores
+
+    g = torch.Generator().manual_seed(0)
+    anchor = torch.randn(2, 4, 6, generator=g, dtype=torch.float64)
+    bank = torch.randn(num_data, 6, generator=g, dtype=torch.float64)
+    negatives = torch.randint(0, num_data, (4, 5), generator=g)
+    expected = torch.empty(2, 4, 5, dtype=torch.float64)
+    for s in range(2):
+        for b in range(4):
+            for k in range(5):
+                expected[s, b, k] = (anchor[s, b] * bank[negatives[b, k]]).sum()
+    torch.testing.assert_close(bank_scores(anchor, bank, negatives), expected, rtol=1e-12, atol=1e-12)

@@ -45,11 +45,18 @@ __all__ = [
 
 
 def bank_scores(anchor: torch.Tensor, bank: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
-    """``a_b . v_{n_{bk}}`` as ``[..., B, K]``: one product ``[..., B, D] x [D, N]``, then a gather.
+    """``a_b . v_{n_{bk}}`` as ``[..., B, K]``, by the cheaper of two exact forms.
 
+    With ``B * K >= N`` (CRD's K = 16384 on CIFAR's N = 50,000): one product ``[..., B, D] x [D, N]``,
+    then a gather of the sampled entries, so no ``B x K x D`` tensor exists. With few negatives
+    against a large bank (``B * K < N``), gathering the ``K`` rows costs less than scoring all ``N``.
     The bank is a constant: no gradient flows into it.
     """
-    full = anchor @ bank.detach().to(anchor.dtype).transpose(0, 1)
+    bank = bank.detach().to(anchor.dtype)
+    if negatives.shape[-2] * negatives.shape[-1] < bank.shape[0]:
+        rows = bank[negatives]
+        return (anchor.unsqueeze(-2) @ rows.transpose(-1, -2)).squeeze(-2)
+    full = anchor @ bank.transpose(0, 1)
     return full.gather(-1, negatives.expand(*full.shape[:-1], negatives.shape[-1]))
 
 

@@ -15,7 +15,9 @@ __all__ = ["FORMATS", "save_figure"]
 FORMATS = {"png": {"dpi": 300}, "svg": {}, "pdf": {}}
 
 
-def save_figure(fig: Figure, path: str | Path, formats: Sequence[str] = ("png",)) -> list[Path]:
+def save_figure(
+    fig: Figure, path: str | Path, formats: Sequence[str] = ("png",), dpi: int | None = None
+) -> list[Path]:
     """Save ``fig`` as ``<path>.<format>`` for each format, cropped to its content.
 
     Args:
@@ -23,6 +25,7 @@ def save_figure(fig: Figure, path: str | Path, formats: Sequence[str] = ("png",)
         path: file path with or without suffix; a ``.png``/``.svg``/``.pdf`` suffix is replaced by
             each format's. Missing parent folders are created.
         formats: any of ``"png"`` (300 dpi), ``"svg"``, ``"pdf"``.
+        dpi: raster resolution of the PNG instead of 300 (e.g. 100 for a README).
 
     Returns:
         The paths written, in the order of ``formats``.
@@ -39,6 +42,9 @@ def save_figure(fig: Figure, path: str | Path, formats: Sequence[str] = ("png",)
     written = []
     for fmt in formats:
         out = path.with_name(f"{path.name}.{fmt}")
-        fig.savefig(out, format=fmt, bbox_inches="tight", **FORMATS[fmt])
+        options = dict(FORMATS[fmt])
+        if dpi is not None and "dpi" in options:
+            options["dpi"] = dpi
+        fig.savefig(out, format=fmt, bbox_inches="tight", **options)
         written.append(out)
     return written

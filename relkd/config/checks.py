@@ -1,0 +1,201 @@
+"""Checks that need the registries: names exist, options fit the constructors, stages fit the losses.
+
+Everything a run would trip over later is found here, before a teacher trains for an hour: every
+registered name (dataset, model, loss, optimiser, schedule, batch transform), every option against its
+constructor's signature, every stage term against the method's losses and the loss's methods.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from relkd import data as datasets
+from relkd import models
+from relkd.config.schema import DataConfig, MethodConfig, StageConfig, SuiteConfig, TrainConfig
+from relkd.config.validate import ConfigError, check_kwargs, check_value, join, unknown_key
+from relkd.losses import LOSSES
+from relkd.registry import Registry, suggest
+from relkd.train.batches import BATCH_TRANSFORMS
+from relkd.train.optim import OPTIMIZERS, SCHEDULES
+from relkd.train.terms import INJECTED, TERM_KEYS
+
+__all__ = ["check_suite"]
+
+AMP = (None, "bf16", "fp16")
+STAGE_TERM_KEYS = {"weight": float, "call": str, "network": str}
+# component -> (its registry, the arguments the engine passes itself)
+COMPONENTS = {
+    "optimizer": (OPTIMIZERS, ("params",)),
+    "schedule": (SCHEDULES, ("optimizer", "epochs")),
+    "batch_transform": (BATCH_TRANSFORMS, ()),
+}
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def check_suite(config: SuiteConfig) -> None:
+    """Raise :class:`ConfigError` naming the first problem found in ``config``."""
+    if not config.seeds:
+        raise ConfigError("seeds: give at least one seed, e.g. seeds: [0, 1, 2]")
+    if any(s < 0 for s in config.seeds) or len(set(config.seeds)) != len(config.seeds):
+        raise ConfigError(f"seeds: expected distinct non-negative integers, got {config.seeds}")
+    if config.amp not in AMP:
+        raise ConfigError(f"amp: expected one of bf16, fp16 or null, got {config.amp!r}")
+    if config.device != "auto":
+        try:
+            torch.device(config.device)
+        except RuntimeError:
+            raise ConfigError(
+                f"device: {config.device!r} is not a device; use auto, cpu, cuda or cuda:N"
+            ) from None
+    if config.threads is not None and config.threads < 1:
+        raise ConfigError(f"threads: expected a positive number of CPU threads or null, got {config.threads}")
+    if config.probe_size < 3:
+        raise ConfigError(
+            f"probe_size: the agreement metrics need at least 3 images, got {config.probe_size}"
+        )
+    _check_data("data", config.data)
+    _check_model("student", config.student.model)
+    _check_train("train", config.train)
+    if config.teacher is not None:
+        _check_model("teacher", config.teacher.model)
+        _check_data("teacher.data", config.teacher.data)
+        _check_train("teacher.train", config.teacher.train)
+    if not config.methods:
+        raise ConfigError("methods: no method to run; name at least one, e.g. methods: [baseline]")
+    for name, method in config.methods.items():
+        _check_method(f"methods.{name}", method, config)
+    for loss in config.loss_args:
+        if loss not in LOSSES:
+            raise ConfigError(f"loss_args.{loss}: no such loss.{suggest(loss, LOSSES.available())}")
+
+
+def _check_name(path: str, name: str, registry: Registry) -> Any:
+    if name not in registry:
+        raise ConfigError(
+            f"{path}: unknown {registry.kind} {name!r}.{suggest(name.lower(), registry.available())} "
+            f"Available: {', '.join(registry.available())}"
+        )
+    return registry.get(name)
+
+
+def _check_component(path: str, spec: Mapping[str, Any], registry: Registry, skip: tuple[str, ...]) -> None:
+    if "name" not in spec:
+        raise ConfigError(
+            f"{join(path, 'name')}: missing; name a {registry.kind} ({', '.join(registry.available())})"
+        )
+    fn = _check_name(join(path, "name"), check_value(join(path, "name"), spec["name"], str), registry)
+    options = {k: v for k, v in spec.items() if k != "name"}
+    for key in skip:
+        if key in options:
+            raise ConfigError(f"{join(path, key)}: set by the engine, not in the config")
+    check_kwargs(path, options, fn)
+
+
+def _check_data(path: str, data: DataConfig) -> None:
+    constructor = _check_name(join(path, "name"), data.name, datasets.DATASETS)
+    check_kwargs(join(path, "options"), data.options, constructor, skip=("root", "augment"))
+    for key in ("root", "augment"):
+        if key in data.options:
+            raise ConfigError(f"{join(path, 'options')}.{key}: set it as {join(path, key)} instead")
+    if data.unlabeled and data.train_subset is None:
+        raise ConfigError(
+            f"{join(path, 'unlabeled')}: the transfer set is the training images outside train_subset, "
+            f"but {join(path, 'train_subset')} is null; set it to the number of labelled images"
+        )
+    if data.transfer_size is not None and data.transfer_size < 1:
+        raise ConfigError(
+            f"{join(path, 'transfer_size')}: expected a positive number of images, got {data.transfer_size}"
+        )
+    for key in ("batch_size", "test_batch_size"):
+        if getattr(data, key) < 1:
+            raise ConfigError(
+                f"{join(path, key)}: expected a positive number of images, got {getattr(data, key)}"
+            )
+
+
+def _check_model(path: str, name: str) -> None:
+    if ":" not in name and name not in models.MODELS:
+        raise ConfigError(
+            f"{path}.model: unknown model {name!r}.{suggest(name.lower(), models.MODELS.available())} "
+            "`relkd list` shows every model; torchvision models are named torchvision:<name>"
+        )
+
+
+def _check_train(path: str, train: TrainConfig) -> None:
+    if train.epochs < 0 or train.warmup_epochs < 0:
+        raise ConfigError(
+            f"{path}: epochs and warmup_epochs must be >= 0, got {train.epochs}, {train.warmup_epochs}"
+        )
+    for key, (registry, filled_in) in COMPONENTS.items():
+        _check_component(join(path, key), getattr(train, key), registry, filled_in)
+
+
+def _check_method(path: str, method: MethodConfig, config: SuiteConfig) -> None:
+    _check_train(join(path, "train"), method.train)
+    if method.losses and config.teacher is None:
+        raise ConfigError(f"{path}.losses: distillation terms need a teacher, but teacher is null")
+    classes = {}
+    for term, options in method.losses.items():
+        tpath = f"{path}.losses.{term}"
+        if not _IDENTIFIER.match(term) or term == "ce":
+            raise ConfigError(
+                f"{tpath}: a term name is a Python identifier (letters, digits, _) other than 'ce', "
+                f"got {term!r}"
+            )
+        loss_name = check_value(join(tpath, "loss"), options.get("loss", term), str)
+        if loss_name not in LOSSES:
+            hint = suggest(loss_name, LOSSES.available()) or f" Registered: {', '.join(LOSSES.available())}."
+            raise ConfigError(f"{tpath}: no registered loss {loss_name!r}.{hint} Set 'loss:' to name one.")
+        cls = LOSSES.get(loss_name)
+        classes[term] = cls
+        for key, tp in TERM_KEYS.items():
+            if key in options:
+                check_value(join(tpath, key), options[key], tp)
+        kwargs = {k: v for k, v in options.items() if k not in TERM_KEYS}
+        check_kwargs(tpath, kwargs, cls, skip=INJECTED + tuple(TERM_KEYS))
+        _check_taps(join(tpath, "taps"), options.get("taps"), cls)
+    for i, stage in enumerate(method.stages or []):
+        _check_stage(f"{path}.stages.{i}", stage, classes)
+
+
+def _check_taps(path: str, taps: Any, cls: type) -> None:
+    if taps is None or isinstance(taps, list):
+        return
+    if set(taps) - {"student", "teacher"}:
+        raise unknown_key(path, next(iter(set(taps) - {"student", "teacher"})), ["student", "teacher"])
+    lengths = {len(v) for v in taps.values()} | {len(cls.taps)}
+    if len(lengths) != 1:
+        raise ConfigError(
+            f"{path}: {cls.__name__} reads {len(cls.taps)} taps {tuple(cls.taps)}; give that many for the "
+            f"student and the teacher, got {taps}"
+        )
+
+
+def _check_stage(path: str, stage: StageConfig, classes: Mapping[str, type]) -> None:
+    if stage.epochs is not None and stage.epochs < 0:
+        raise ConfigError(f"{path}.epochs: expected >= 0, got {stage.epochs}")
+    terms = stage.terms if isinstance(stage.terms, Mapping) else dict.fromkeys(stage.terms or [])
+    for term, use in terms.items():
+        tpath = f"{path}.terms.{term}"
+        if term not in classes:
+            hint = suggest(term, classes) or f" The method's terms: {', '.join(classes) or 'none'}."
+            raise ConfigError(f"{tpath}: not a term of the method's losses.{hint}")
+        use = use or {}
+        for key, value in use.items():
+            if key not in STAGE_TERM_KEYS:
+                raise unknown_key(tpath, key, list(STAGE_TERM_KEYS))
+            check_value(join(tpath, key), value, STAGE_TERM_KEYS[key])
+        call = use.get("call")
+        if call is not None and not callable(getattr(classes[term], call, None)):
+            methods = [n for n, _ in inspect.getmembers(classes[term], callable) if not n.startswith("_")]
+            raise ConfigError(
+                f"{tpath}.call: {classes[term].__name__} has no method {call!r}.{suggest(call, methods)}"
+            )
+    for key in ("optimizer", "schedule"):
+        if getattr(stage, key) is not None:
+            _check_component(join(path, key), getattr(stage, key), *COMPONENTS[key])

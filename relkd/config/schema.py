@@ -1,0 +1,218 @@
+"""The config schema: one dataclass per section, every default in one place.
+
+A suite (what ``relkd run`` runs) trains or loads one teacher, then trains one student per method and
+seed. In YAML::
+
+    name: digits
+    data: {name: digits, train_subset: 100, unlabeled: true}
+    teacher: {model: lenet, args: {width: 32}, data: {train_subset: null, unlabeled: false}}
+    student: {model: lenet, args: {width: 4}}
+    train: {epochs: 30, optimizer: {name: sgd, lr: 0.05}, schedule: {name: cosine}}
+    methods: [baseline, kd, rkd]          # built-in method configs, or a mapping of your own
+    seeds: [0, 1, 2]
+
+Two keys are consumed while loading and are not part of the schema: ``extends: base.yaml`` (start
+from another file) and ``overrides: ["key.sub=value", ...]`` (applied like command-line overrides,
+after the built-in methods are expanded). Sections that refine another one (``teacher.data``,
+``teacher.train``, ``methods.<m>.train``) hold only the keys that differ; :mod:`relkd.config.load`
+merges them onto the suite's before building these classes, so here they are complete.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "DataConfig",
+    "MethodConfig",
+    "ModelConfig",
+    "StageConfig",
+    "SuiteConfig",
+    "TeacherConfig",
+    "TrainConfig",
+]
+
+
+@dataclass
+class DataConfig:
+    """Which dataset, which part of it is labelled, and how it is batched.
+
+    Attributes:
+        name: dataset registry name (``relkd list`` shows them).
+        root: folder of the files; null searches the dataset's environment variables and defaults.
+        train_subset: keep a seeded, class-balanced subset of this many labelled training images.
+        unlabeled: make the rest of the training set an unlabelled transfer set for the
+            distillation terms (needs ``train_subset``).
+        transfer_size: keep a seeded random subset of this many transfer images (null: all of them;
+            ignored without ``unlabeled``).
+        subset_seed: seed of the labelled subset's and the transfer subset's choice; null uses the
+            run's seed.
+        batch_size: labelled images per step.
+        transfer_batch_size: transfer images added to each step that has distillation terms; null is
+            ``batch_size``.
+        test_batch_size: images per evaluation batch.
+        num_workers: decoding processes (folder datasets only).
+        augment: the dataset's standard training augmentation.
+        options: dataset-specific options, e.g. ``{image_size: 224}`` for ``imagefolder``.
+    """
+
+    name: str = "digits"
+    root: str | None = None
+    train_subset: int | None = None
+    unlabeled: bool = False
+    transfer_size: int | None = None
+    subset_seed: int | None = None
+    batch_size: int = 64
+    transfer_batch_size: int | None = None
+    test_batch_size: int = 256
+    num_workers: int = 0
+    augment: bool = True
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    """The training recipe of one network.
+
+    Attributes:
+        epochs: passes over the training data (of the main stage, when a method has stages).
+        optimizer: ``{name, **options}`` of a registered optimiser (``sgd``, ``adam``, ``adamw``).
+        schedule: ``{name, **options}`` of a registered learning-rate schedule (``constant``,
+            ``multistep``, ``cosine``, ``step``), stepped once per epoch.
+        warmup_epochs: linear warm-up from 1% of the learning rate over this many epochs.
+        ce_weight: weight of the cross-entropy on labelled images.
+        clip_grad_norm: clip the gradient's total norm to this value (null: no clipping).
+        clip_to_ce: clip the distillation terms' gradient of each parameter to the norm of its
+            cross-entropy gradient, ``g = g_ce + g_kd * min(1, |g_ce| / |g_kd|)``, as the KD-SVD and
+            MHGD authors do; parameters without a cross-entropy gradient (a loss's own) are not clipped.
+        batch_transform: ``{name, **options}`` of a registered transform applied to every training
+            batch once, before any network sees it (``identity``).
+    """
+
+    epochs: int = 10
+    optimizer: dict[str, Any] = field(
+        default_factory=lambda: {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}
+    )
+    schedule: dict[str, Any] = field(default_factory=lambda: {"name": "constant"})
+    warmup_epochs: int = 0
+    ce_weight: float = 1.0
+    clip_grad_norm: float | None = None
+    clip_to_ce: bool = False
+    batch_transform: dict[str, Any] = field(default_factory=lambda: {"name": "identity"})
+
+
+@dataclass
+class StageConfig:
+    """One stage of a run: what is trained, with which terms, for how long.
+
+    Attributes:
+        name: label in logs and checkpoints.
+        epochs: length; null takes the recipe's ``epochs``.
+        terms: loss terms active in this stage, ``{term: {weight, call, network}}`` (a list of names
+            keeps their weights); null uses every term of the method's ``losses``. ``call`` names the
+            loss method to call instead of ``distill`` (e.g. ``pretrain_step``) and ``network`` the
+            network whose features it gets alone (e.g. ``teacher``).
+        ce_weight: cross-entropy weight; null takes the recipe's.
+        trainable: modules optimised, as paths: a network (``student``), ``loss`` (every loss
+            module) or a part (``loss.mhgd.heads``); null is every student and every loss.
+        frozen: modules excluded from ``trainable`` and put in eval mode during this stage.
+        optimizer, schedule, warmup_epochs: this stage's, null for the recipe's.
+        after: methods called when the stage ends, as paths (``loss.mhgd.freeze_heads``); what
+            they change must live in the module's ``state_dict`` so that resuming restores it.
+    """
+
+    name: str = "train"
+    epochs: int | None = None
+    terms: dict[str, dict[str, Any]] | list[str] | None = None
+    ce_weight: float | None = None
+    trainable: list[str] | None = None
+    frozen: list[str] = field(default_factory=list)
+    optimizer: dict[str, Any] | None = None
+    schedule: dict[str, Any] | None = None
+    warmup_epochs: int | None = None
+    after: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MethodConfig:
+    """One distillation method: its loss terms, its recipe, and optionally several stages.
+
+    Attributes:
+        losses: ``{term: {loss, weight, taps, student, teacher, **loss options}}``. ``loss`` is the
+            registered loss (default: the term's name), ``weight`` its weight (default 1), ``taps``
+            overrides the features it reads (a list for both networks or ``{student: [...],
+            teacher: [...]}``), ``student``/``teacher`` name the networks (default: the only ones).
+            Other keys go to the loss's constructor.
+        stages: the stages in order; null is one stage with every term.
+        train: the recipe (the suite's ``train`` with this method's changes merged in).
+        description: one line shown by ``relkd list``.
+    """
+
+    losses: dict[str, dict[str, Any]] = field(default_factory=dict)
+    stages: list[StageConfig] | None = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+    description: str = ""
+
+
+@dataclass
+class ModelConfig:
+    """A network: ``model`` is a registry name (``relkd list``) or ``torchvision:<name>``; ``args`` go
+    to its constructor (``num_classes`` and ``in_channels`` come from the dataset)."""
+
+    model: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TeacherConfig(ModelConfig):
+    """The teacher: trained first with ``train`` on ``data`` (both the suite's, with the keys given
+    here merged in), or loaded from ``checkpoint`` (a relkd ``final.pt`` or a plain state dict)."""
+
+    checkpoint: str | None = None
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class SuiteConfig:
+    """A whole experiment: one teacher, several methods, several seeds.
+
+    Attributes:
+        name: experiment name; the run directory defaults to ``runs/<name>``.
+        out: run directory (null: ``runs/<name>``).
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1`` ...
+        amp: ``bf16`` or ``fp16`` autocast on CUDA; null (or on CPU) trains in float32.
+        seeds: one student run per seed and method.
+        data: the students' data (the teacher's unless ``teacher.data`` changes it).
+        teacher: the teacher; null runs the methods without one (CE-only methods).
+        student: the student network.
+        train: the recipe every method starts from.
+        methods: ``{method: MethodConfig}``; ``relkd.config.load`` also accepts ``all``, a list of
+            built-in method names, and names or YAML paths as values.
+        loss_args: options per registered loss for this experiment, set on every term of that loss
+            over the method's own (e.g. a smaller ``num_negatives`` on a small dataset).
+        log_agreement: log student-teacher agreement (kNN overlap, CKA, distance rank correlation)
+            of the penultimate embeddings on a fixed probe batch of test images, every epoch.
+        probe_size: images in that probe batch.
+        tensorboard: also log to TensorBoard when it is installed.
+        threads: CPU threads of torch (``torch.set_num_threads``); null keeps torch's default. Small
+            models train fastest on one thread, and a shared machine needs it.
+    """
+
+    student: ModelConfig
+    name: str = "experiment"
+    out: str | None = None
+    device: str = "auto"
+    amp: str | None = None
+    seeds: list[int] = field(default_factory=lambda: [0])
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig | None = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+    methods: dict[str, MethodConfig] = field(default_factory=lambda: {"baseline": MethodConfig()})
+    loss_args: dict[str, dict[str, Any]] = field(default_factory=dict)
+    log_agreement: bool = True
+    probe_size: int = 256
+    tensorboard: bool = True
+    threads: int | None = None

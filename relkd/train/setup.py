@@ -1,0 +1,127 @@
+"""Build a run's parts from its config: device, networks, data, loaders, config hashes.
+
+Models get what the dataset decides (``num_classes``, and ``in_channels`` / ``in_shape`` when their
+constructor takes them) unless the config's ``args`` set it. Datasets are loaded once per process and
+cut into the seed's labelled subset per run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import inspect
+import json
+from typing import Any
+
+import torch
+from torch import nn
+
+from relkd import models
+from relkd.data import DataBundle, build, make_loader
+from relkd.data.seeding import derive_seed
+from relkd.data.subset import split_bundle
+from relkd.train.batches import TrainBatches
+from relkd.train.checkpoint import CheckpointError, load_checkpoint, load_state
+
+__all__ = [
+    "build_model",
+    "config_hash",
+    "load_bundle",
+    "load_weights",
+    "make_batches",
+    "resolve_device",
+]
+
+# Stream number of the transfer loader's seed: its order must not mirror the labelled loader's.
+TRANSFER_STREAM = 2
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; anything else as ``torch.device`` reads it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_model(spec: Any, bundle: DataBundle) -> nn.Module:
+    """``models.create(spec.model, **spec.args)`` with the dataset's classes and input shape."""
+    kwargs = dict(spec.args)
+    kwargs.setdefault("num_classes", bundle.num_classes)
+    if ":" not in spec.model:
+        params = inspect.signature(models.MODELS.get(spec.model)).parameters
+        if not {"in_channels", "in_shape"} & set(kwargs):
+            if "in_shape" in params:
+                kwargs["in_shape"] = (bundle.in_channels, *bundle.image_size)
+            elif "in_channels" in params:
+                kwargs["in_channels"] = bundle.in_channels
+    return models.create(spec.model, **kwargs)
+
+
+@functools.lru_cache(maxsize=4)
+def _full_bundle(name: str, root: str | None, augment: bool, options: str) -> DataBundle:
+    return build(name, root=root, augment=augment, **json.loads(options))
+
+
+def load_bundle(data: Any, seed: int) -> DataBundle:
+    """The dataset of ``data`` (a :class:`relkd.config.DataConfig`) for the run seed ``seed``: its
+    labelled subset and transfer set (cut to ``transfer_size``) chosen with ``data.subset_seed``, else
+    ``seed``."""
+    bundle = _full_bundle(data.name, data.root, data.augment, json.dumps(data.options, sort_keys=True))
+    if data.train_subset is None:
+        return bundle
+    subset_seed = seed if data.subset_seed is None else data.subset_seed
+    bundle = split_bundle(bundle, data.train_subset, data.unlabeled, subset_seed)
+    if bundle.transfer is None or data.transfer_size is None or data.transfer_size >= len(bundle.transfer):
+        return bundle
+    generator = torch.Generator().manual_seed(derive_seed(subset_seed, TRANSFER_STREAM))
+    keep = torch.randperm(len(bundle.transfer), generator=generator)[: data.transfer_size].sort().values
+    return dataclasses.replace(bundle, transfer=bundle.transfer.subset(keep))
+
+
+def make_batches(bundle: DataBundle, data: Any, seed: int, device: torch.device) -> tuple[TrainBatches, Any]:
+    """The training batches and the test loader of a run."""
+    labelled = make_loader(bundle.train, data.batch_size, True, seed, data.num_workers, device=device)
+    transfer = None
+    if bundle.transfer is not None:
+        transfer = make_loader(
+            bundle.transfer,
+            data.transfer_batch_size or data.batch_size,
+            True,
+            derive_seed(seed, TRANSFER_STREAM),
+            data.num_workers,
+            device=device,
+        )
+    test = make_loader(bundle.test, data.test_batch_size, False, 0, data.num_workers, device=device)
+    return TrainBatches(labelled, transfer), test
+
+
+def config_hash(*parts: Any) -> str:
+    """A SHA-256 of the parts (dataclasses, mappings, numbers, strings) as canonical JSON."""
+
+    def plain(x: Any) -> Any:
+        return dataclasses.asdict(x) if dataclasses.is_dataclass(x) else x
+
+    text = json.dumps([plain(p) for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def load_weights(path: str, model: nn.Module, name: str) -> None:
+    """Load network weights from a relkd checkpoint (``final.pt``: ``students[name]``) or a file that
+    holds a state dict (plain, or under ``model`` / ``state_dict``, as other KD code bases save).
+
+    Raises:
+        CheckpointError: unreadable file, or weights that do not fit ``model``.
+    """
+    state = load_checkpoint(path)
+    if "students" in state and name in state["students"]:
+        state = state["students"][name]
+    elif "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    elif "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    try:
+        load_state(path, name, model, state)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e} (loading the {name} weights)") from None
