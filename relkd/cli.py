@@ -1,6 +1,7 @@
 """The ``relkd`` command (also ``python -m relkd``).
 
     relkd run [CONFIG] [key.sub=value ...] [--resume] [--quiet]
+    torchrun --nproc_per_node N -m relkd run [CONFIG] ...   (data-parallel: relkd.train.parallel)
     relkd table RUN_DIR
     relkd list [models|losses|datasets|methods]
     relkd viz RUN_DIR ... / relkd plot RUN_DIR ...      (figures: relkd.viz.commands)
@@ -50,15 +51,19 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from relkd.config import load_config
     from relkd.train import run_suite
+    from relkd.train.parallel import launched_rank
 
+    # Under torchrun every rank runs this; rank 0 alone speaks.
+    main = launched_rank() == 0
     items = list(args.items)
     source = items.pop(0) if items and "=" not in items[0] else None
     config, notes = load_config(source, items)
-    for note in notes:
+    for note in notes if main else ():
         print(f"note: {note}", file=sys.stderr)
     start = time.perf_counter()
     run_dir = run_suite(config, resume=args.resume, quiet=args.quiet)
-    print(f"wall time {time.perf_counter() - start:.0f} s; results in {run_dir}/results.md")
+    if main:
+        print(f"wall time {time.perf_counter() - start:.0f} s; results in {run_dir}/results.md")
     return 0
 
 

@@ -18,6 +18,7 @@ from relkd import data as datasets
 from relkd import models
 from relkd.config.schema import DataConfig, MethodConfig, StageConfig, SuiteConfig, TrainConfig
 from relkd.config.validate import ConfigError, check_kwargs, check_value, join, unknown_key
+from relkd.data.loaders import LOADERS
 from relkd.losses import LOSSES
 from relkd.registry import Registry, suggest
 from relkd.train.batches import BATCH_TRANSFORMS
@@ -111,6 +112,18 @@ def _check_data(path: str, data: DataConfig) -> None:
         raise ConfigError(
             f"{join(path, 'transfer_size')}: expected a positive number of images, got {data.transfer_size}"
         )
+    if data.loader not in LOADERS:
+        raise ConfigError(
+            f"{join(path, 'loader')}: unknown loader {data.loader!r}.{suggest(data.loader, LOADERS)} "
+            f"Available: {', '.join(LOADERS)}"
+        )
+    if data.loader == "tensor" and data.name == "imagefolder":
+        raise ConfigError(
+            f"{join(path, 'loader')}: imagefolder is read from files, not held in memory; "
+            "use auto or dataloader"
+        )
+    if data.num_workers < 0:
+        raise ConfigError(f"{join(path, 'num_workers')}: expected >= 0 processes, got {data.num_workers}")
     for key in ("batch_size", "test_batch_size"):
         if getattr(data, key) < 1:
             raise ConfigError(

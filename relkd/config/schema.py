@@ -48,11 +48,16 @@ class DataConfig:
             ignored without ``unlabeled``).
         subset_seed: seed of the labelled subset's and the transfer subset's choice; null uses the
             run's seed.
-        batch_size: labelled images per step.
+        batch_size: labelled images per step, over all processes: under ``torchrun`` each of the
+            ``W`` processes takes ``batch_size / W`` (likewise ``transfer_batch_size``; both must be
+            divisible by ``W``).
         transfer_batch_size: transfer images added to each step that has distillation terms; null is
             ``batch_size``.
         test_batch_size: images per evaluation batch.
-        num_workers: decoding processes (folder datasets only).
+        loader: ``auto`` (in-memory datasets held as tensors on the training device, augmented
+            there in batches; folder datasets through a torch ``DataLoader``), ``tensor`` or
+            ``dataloader`` (any dataset through a ``DataLoader``, e.g. to compare the two).
+        num_workers: decoding processes of the ``DataLoader`` path.
         augment: the dataset's standard training augmentation.
         options: dataset-specific options, e.g. ``{image_size: 224}`` for ``imagefolder``.
     """
@@ -66,6 +71,7 @@ class DataConfig:
     batch_size: int = 64
     transfer_batch_size: int | None = None
     test_batch_size: int = 256
+    loader: str = "auto"
     num_workers: int = 0
     augment: bool = True
     options: dict[str, Any] = field(default_factory=dict)

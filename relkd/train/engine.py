@@ -11,6 +11,18 @@ schedule, gradient scaler, RNG states, epoch and stage. ``fit(resume=True)`` con
 CPU the resumed run ends with the same weights, bit for bit, as an uninterrupted one. A non-finite term
 stops the run with :class:`NonFiniteLossError` naming the term and the step, and leaves the last
 checkpoint (the last good epoch) as it was.
+
+Under ``torchrun`` (a process group of ``W > 1`` ranks, see :mod:`relkd.train.parallel`) every rank
+runs the same engine on its shard of each batch, following :mod:`relkd.distributed`: in a stage with a
+cross-entropy term and without ``clip_to_ce`` the students are wrapped in ``DistributedDataParallel``
+(for that stage only, after its freezing, so DDP knows which parameters train); every other gradient,
+the loss modules' and the students' in other stages, is averaged over ranks after the backward with
+:func:`relkd.distributed.average_gradients`. With ``clip_to_ce`` the cross-entropy and distillation
+gradients are averaged separately before the rule compares them. The relational losses gather their
+inputs over ranks, so every rank computes the loss of the global batch, and the averaged gradient is
+the single-process gradient on the concatenated batch. Test accuracy is counted on shards of the test
+set and summed; the epoch's loss means are averaged over ranks. Rank 0 alone writes metrics,
+checkpoints and results and shows progress; every rank resumes from the same checkpoint.
 """
 
 from __future__ import annotations
@@ -27,8 +39,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from relkd import distributed as D
 from relkd.models import FeatureTaps, default_taps, resolve_taps
 from relkd.train.batches import TrainBatches, build_transform
 from relkd.train.checkpoint import load_checkpoint, load_state, save_checkpoint
@@ -37,7 +51,7 @@ from relkd.train.metrics import MetricsLog
 from relkd.train.optim import build_optimizer, build_schedule
 from relkd.train.seeding import rng_state, set_rng_state
 from relkd.train.stages import Stage, find_method, find_module, stage_parameters
-from relkd.train.step import backward, forward, needed_networks, term_values
+from relkd.train.step import backward, clips_to_ce, forward, needed_networks, term_values
 from relkd.train.tally import EpochTally, NonFiniteLossError
 from relkd.train.terms import LossTerm, TermSpec, build_term, tap_names
 
@@ -65,6 +79,8 @@ class _Active:
     students: list[str]
     frozen: list[nn.Module]
     grad_flags: dict[int, bool]
+    networks: dict[str, nn.Module]
+    synced: set[int]
 
 
 class Engine:
@@ -215,9 +231,33 @@ class Engine:
             scheduler.load_state_dict(state["scheduler"])
         teachers, students = needed_networks(stage, self.terms, self.students, self.teachers)
         transform = build_transform(stage.batch_transform)
-        return _Active(index, stage, optimizer, scheduler, transform, teachers, students, frozen, grad_flags)
+        networks, synced = self._wrap(stage)
+        return _Active(
+            index, stage, optimizer, scheduler, transform, teachers, students, frozen, grad_flags, networks,
+            synced,
+        )  # fmt: skip
+
+    def _wrap(self, stage: Stage) -> tuple[dict[str, nn.Module], set[int]]:
+        """The networks the steps call, students in DDP where it applies, and the ids of the
+        parameters DDP averages (the engine averages the rest itself)."""
+        networks: dict[str, nn.Module] = {n: self.root[n] for n in self.students + self.teachers}
+        # DDP waits for a gradient of every parameter that reaches its output; only the cross-entropy
+        # guarantees one, and clip_to_ce's autograd.grad bypasses DDP's hooks altogether.
+        if not (D.is_distributed() and stage.ce_weight and not stage.clip_to_ce):
+            return networks, set()
+        synced = set()
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        for name in self.students:
+            trainable = [p for p in self.root[name].parameters() if p.requires_grad]
+            if trainable:
+                networks[name] = DistributedDataParallel(
+                    self.root[name], device_ids=ids, find_unused_parameters=True
+                )
+                synced |= {id(p) for p in trainable}
+        return networks, synced
 
     def _end(self, active: _Active) -> None:
+        active.networks.clear()  # drops the DDP wrappers and their gradient hooks
         for p in self.root.parameters():
             p.requires_grad_(active.grad_flags.get(id(p), p.requires_grad))
         for path in active.stage.after:
@@ -244,7 +284,8 @@ class Engine:
             NonFiniteLossError: a term was NaN or infinite.
             CheckpointError: the checkpoint cannot be read or does not fit this run.
         """
-        log = MetricsLog(self.run_dir, self.tensorboard)
+        main = D.is_main_process()
+        log = MetricsLog(self.run_dir, self.tensorboard, enabled=main)
         path = self.run_dir / "checkpoint.pt"
         done, best, wall, state = 0, {"acc1": -1.0, "acc5": 0.0, "epoch": 0}, 0.0, None
         if resume and path.is_file():
@@ -277,11 +318,16 @@ class Engine:
                 wall += row["epoch_time_s"]
                 log.log(row)
                 # After a stage's last epoch the next stage starts with a fresh optimiser: none is kept.
-                self._save(path, epoch + 1, best, wall, row, None if stage_done else active)
+                if main:
+                    self._save(path, epoch + 1, best, wall, row, None if stage_done else active)
                 if stage_done:
                     active = None
-            return self._finish(best, last, wall, starts[-1])
+            result = self._finish(best, last, wall, starts[-1])
+            D.barrier()  # the files are written before any rank reads them
+            return result
         finally:
+            if active is not None:
+                active.networks.clear()
             log.close()
             for taps in self.taps.values():
                 taps.remove()
@@ -299,7 +345,7 @@ class Engine:
         bar = tqdm(
             total=steps,
             desc=f"{self.label} {epoch + 1}/{total_epochs}",
-            disable=self.quiet or not sys.stderr.isatty(),
+            disable=self.quiet or not sys.stderr.isatty() or not D.is_main_process(),
             leave=False,
         )
         lr = active.optimizer.param_groups[0]["lr"]
@@ -324,6 +370,7 @@ class Engine:
         finally:
             bar.close()
         tally.check(epoch, steps, stage.name, path)
+        tally.reduce()
         means = (tally.sums / max(step, 1)).tolist()
         row = {"epoch": epoch + 1, "stage": stage.name, "lr": lr, "train_loss": means[-1]}
         row.update({f"loss/{k}": v for k, v in zip(keys, means, strict=False)})
@@ -337,7 +384,7 @@ class Engine:
         """One optimiser step; returns the detached term values, the total and the first student's logits."""
         stage = active.stage
         with self._autocast():
-            features = forward(self.root, self.taps, batch["input"], active.teachers, active.students)
+            features = forward(active.networks, self.taps, batch["input"], active.teachers, active.students)
             values = term_values(stage, self.terms, features, batch, active.students, self.teachers)
         params = [p for g in active.optimizer.param_groups for p in g["params"]]
         if not any(values[k].requires_grad for k in weights):
@@ -346,7 +393,9 @@ class Engine:
                 "a nonzero ce_weight or a term that reads a trainable module"
             )
         active.optimizer.zero_grad(set_to_none=True)
-        total = backward(values, weights, params, self.scaler.scale, stage.clip_to_ce)
+        total = backward(values, weights, params, self.scaler.scale, stage.clip_to_ce, D.all_reduce_mean_)
+        if D.is_distributed() and not clips_to_ce(weights, stage.clip_to_ce):
+            D.average_gradients(p for p in params if id(p) not in active.synced)
         if stage.clip_grad_norm is not None:
             self.scaler.unscale_(active.optimizer)
             nn.utils.clip_grad_norm_(params, stage.clip_grad_norm)
@@ -361,7 +410,7 @@ class Engine:
         for name in self.students[1:]:
             acc1, acc5 = evaluate(self.root[name], self.test_loader, self._autocast)
             row.update({f"{name}/test_acc1": acc1, f"{name}/test_acc5": acc5})
-        if self.probe is not None:
+        if self.probe is not None and D.is_main_process():
             from relkd.graphs.agreement import agreement
 
             s, t = self.students[0], self.teachers[0]
@@ -447,11 +496,12 @@ class Engine:
         result = {
             k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in result.items()
         }
-        save_checkpoint(
-            self.run_dir / "final.pt",
-            {"format": FORMAT, "config_hash": self.config_hash, **self._states(), "result": result},
-        )
-        (self.run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        if D.is_main_process():
+            save_checkpoint(
+                self.run_dir / "final.pt",
+                {"format": FORMAT, "config_hash": self.config_hash, **self._states(), "result": result},
+            )
+            (self.run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
         return result
 
 

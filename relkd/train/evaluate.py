@@ -11,9 +11,11 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from relkd import distributed as D
 from relkd.train.metrics import topk_correct
 
 __all__ = ["agreement_metrics", "evaluate", "probe_inputs"]
@@ -27,21 +29,27 @@ def evaluate(
     loader: Iterable[dict[str, Tensor]],
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> tuple[float, float]:
-    """Top-1 and top-5 accuracy (percent) of ``model`` in eval mode over ``loader``; one host sync."""
+    """Top-1 and top-5 accuracy (percent) of ``model`` in eval mode over ``loader``; one host sync.
+
+    Under data parallelism every rank evaluates its shard of the test set and the hit counts are
+    summed over ranks (one all-reduce), so every rank returns the accuracy on the whole test set.
+    """
     was_training = model.training
     model.eval()
-    counts, total = None, 0
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    counts = torch.zeros(3, device=device)  # top-1 hits, top-5 hits, images
     for batch in loader:
         with autocast():
             logits = model(batch["input"])
-        c = topk_correct(logits, batch["target"])
-        counts = c if counts is None else counts + c
-        total += batch["target"].shape[0]
+        target = batch["target"]
+        counts += torch.cat([topk_correct(logits, target), counts.new_full((1,), target.shape[0])])
     model.train(was_training)
-    if counts is None or total == 0:
+    if D.is_distributed():
+        dist.all_reduce(counts)
+    acc1, acc5, total = counts.tolist()
+    if total == 0:
         raise ValueError("the test loader yielded no image; check the dataset's test split")
-    acc1, acc5 = (counts * (100.0 / total)).tolist()
-    return acc1, acc5
+    return 100.0 * acc1 / total, 100.0 * acc5 / total
 
 
 def probe_inputs(dataset: Dataset, size: int, device: torch.device) -> Tensor:

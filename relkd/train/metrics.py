@@ -50,14 +50,18 @@ class MetricsLog:
     Args:
         run_dir: the run's directory.
         tensorboard: also write TensorBoard events (skipped when tensorboard is not installed).
+        enabled: write anything at all (off on every rank but the first of a multi-process run).
     """
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True) -> None:
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True, enabled: bool = True) -> None:
+        self.enabled = enabled
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = self.run_dir / "metrics.jsonl"
         self.rows: list[dict[str, Any]] = []
         self._writer = None
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = self.run_dir / "metrics.jsonl"
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -68,6 +72,8 @@ class MetricsLog:
 
     def resume(self, epochs_done: int) -> None:
         """Keep the rows of the first ``epochs_done`` epochs (a resumed run rewrites the rest)."""
+        if not self.enabled:
+            return
         rows = []
         if self.jsonl.is_file():
             for line in self.jsonl.read_text().splitlines():
@@ -78,11 +84,15 @@ class MetricsLog:
 
     def start(self) -> None:
         """Start a fresh history."""
+        if not self.enabled:
+            return
         self.rows = []
         self._rewrite()
 
     def log(self, row: Mapping[str, Any]) -> None:
         """Append one epoch's row to every log."""
+        if not self.enabled:
+            return
         row = {k: _jsonable(v) for k, v in row.items()}
         self.rows.append(row)
         with open(self.jsonl, "a") as f:

@@ -12,17 +12,20 @@ import functools
 import hashlib
 import inspect
 import json
+import os
 from typing import Any
 
 import torch
 from torch import nn
 
+from relkd import distributed as D
 from relkd import models
 from relkd.data import DataBundle, build, make_loader
 from relkd.data.seeding import derive_seed
 from relkd.data.subset import split_bundle
 from relkd.train.batches import TrainBatches
 from relkd.train.checkpoint import CheckpointError, load_checkpoint, load_state
+from relkd.train.parallel import per_rank
 
 __all__ = [
     "build_model",
@@ -38,10 +41,12 @@ TRANSFER_STREAM = 2
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; anything else as ``torch.device`` reads it."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """``auto`` -> CUDA when available, else CPU; anything else as ``torch.device`` reads it. Under
+    ``torchrun`` a CUDA device without an index is this process's, ``cuda:LOCAL_RANK``."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    if device.type == "cuda" and device.index is None and D.is_distributed():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
 
 
 def build_model(spec: Any, bundle: DataBundle) -> nn.Module:
@@ -80,19 +85,29 @@ def load_bundle(data: Any, seed: int) -> DataBundle:
 
 
 def make_batches(bundle: DataBundle, data: Any, seed: int, device: torch.device) -> tuple[TrainBatches, Any]:
-    """The training batches and the test loader of a run."""
-    labelled = make_loader(bundle.train, data.batch_size, True, seed, data.num_workers, device=device)
+    """The training batches and the test loader of a run (this rank's shards under ``torchrun``).
+
+    Training loaders take ``1 / W`` of each configured batch from an order padded so every rank draws
+    as many batches; the test loader shards the test set without repeats (the counts are summed over
+    ranks by :func:`relkd.train.evaluate.evaluate`).
+    """
+    shard = {"loader": data.loader, "rank": D.rank(), "world_size": D.world_size()}
+    batch = per_rank(data.batch_size, "data.batch_size")
+    labelled = make_loader(bundle.train, batch, True, seed, data.num_workers, device=device, **shard)
     transfer = None
     if bundle.transfer is not None:
         transfer = make_loader(
             bundle.transfer,
-            data.transfer_batch_size or data.batch_size,
+            per_rank(data.transfer_batch_size or data.batch_size, "data.transfer_batch_size"),
             True,
             derive_seed(seed, TRANSFER_STREAM),
             data.num_workers,
             device=device,
+            **shard,
         )
-    test = make_loader(bundle.test, data.test_batch_size, False, 0, data.num_workers, device=device)
+    test = make_loader(
+        bundle.test, data.test_batch_size, False, 0, data.num_workers, device=device, even=False, **shard
+    )
     return TrainBatches(labelled, transfer), test
 
 

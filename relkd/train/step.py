@@ -19,7 +19,7 @@ from relkd.models import FeatureTaps
 from relkd.train.stages import Stage
 from relkd.train.terms import LossTerm
 
-__all__ = ["backward", "cross_entropy", "forward", "needed_networks", "term_values"]
+__all__ = ["backward", "clips_to_ce", "cross_entropy", "forward", "needed_networks", "term_values"]
 
 Features = dict[str, dict[str, Any]]
 
@@ -90,12 +90,19 @@ def term_values(
     return values
 
 
+def clips_to_ce(weights: Mapping[str, float], clip_to_ce: bool) -> bool:
+    """Whether :func:`backward` applies the clipping rule: asked for, with a cross-entropy term and at
+    least one other term."""
+    return clip_to_ce and "ce" in weights and any(k != "ce" for k in weights)
+
+
 def backward(
     values: Mapping[str, Tensor],
     weights: Mapping[str, float],
     params: Sequence[nn.Parameter],
     scale: Callable[[Tensor], Tensor],
     clip_to_ce: bool = False,
+    average: Callable[[list[Tensor]], None] = lambda grads: None,
 ) -> Tensor:
     """Accumulate the gradient of ``sum_k weights[k] * values[k]`` into ``params`` and return the sum.
 
@@ -109,16 +116,22 @@ def backward(
         params: the parameters being optimised.
         scale: the gradient scaler's ``scale`` (identity without fp16).
         clip_to_ce: apply the clipping rule.
+        average: called (in place) on the cross-entropy gradients, then on the distillation
+            gradients, before the rule compares them: under data parallelism the mean over ranks
+            (:func:`relkd.distributed.all_reduce_mean_`), so that the rule sees the global-batch
+            gradients. Not called without the rule (the caller averages ``p.grad`` then).
     """
     total = sum(weights[k] * values[k].float() for k in weights)
     rest = [k for k in weights if k != "ce"]
-    if not (clip_to_ce and "ce" in weights and rest):
+    if not clips_to_ce(weights, clip_to_ce):
         scale(total).backward()
         return total
     ce = weights["ce"] * values["ce"].float()
     distill = sum(weights[k] * values[k].float() for k in rest)
     g_ce = torch.autograd.grad(scale(ce), params, retain_graph=True, allow_unused=True)
     g_kd = torch.autograd.grad(scale(distill), params, allow_unused=True)
+    average([g for g in g_ce if g is not None])
+    average([g for g in g_kd if g is not None])
     for p, a, b in zip(params, g_ce, g_kd, strict=True):
         if a is not None and b is not None:
             g = a + b * (a.norm() / b.norm().clamp_min(1e-30)).clamp(max=1.0)

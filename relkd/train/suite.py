@@ -3,6 +3,10 @@
 Finished runs are reused: the teacher when ``teacher/final.pt`` exists with the same config hash, a
 student run when its ``result.json`` and ``final.pt`` exist with the same hash. ``resume=True``
 continues interrupted runs from their ``checkpoint.pt``; without it they start over.
+
+Launched by ``torchrun``, :func:`run_suite` joins the process group for the whole suite: every rank
+trains the teacher and each student on its shard of every batch (see :mod:`relkd.train.engine`), and
+rank 0 alone prints and writes the files; every rank then reads the same teacher weights.
 """
 
 from __future__ import annotations
@@ -17,9 +21,11 @@ import torch
 import yaml
 from torch import nn
 
+from relkd import distributed as D
 from relkd.config import SuiteConfig, to_data
 from relkd.train.engine import Engine
 from relkd.train.evaluate import evaluate, probe_inputs
+from relkd.train.parallel import distributed_session
 from relkd.train.seeding import seed_everything
 from relkd.train.setup import (
     build_model,
@@ -72,10 +78,11 @@ def run_teacher(
         teacher.to(device)
         _, test = make_batches(bundle, spec.data, spec.seed, device)
         acc1, acc5 = evaluate(teacher, test)
-        out.mkdir(parents=True, exist_ok=True)
         result = {"method": "teacher", "seed": spec.seed, "last_acc1": acc1, "last_acc5": acc5,
                   "best_acc1": acc1, "best_acc5": acc5, "checkpoint": spec.checkpoint}  # fmt: skip
-        (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        if D.is_main_process():
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
         echo(f"teacher {spec.model}: loaded {spec.checkpoint} (test top-1 {acc1:.2f}%)")
         return teacher.eval()
     if _reusable(out, digest) is not None:
@@ -158,6 +165,8 @@ def run_method(
 def run_suite(config: SuiteConfig, resume: bool = False, quiet: bool = False, echo: Echo = print) -> Path:
     """Train (or reuse) the teacher, every method for every seed, and write the results table.
 
+    Under ``torchrun`` it joins (and leaves) the process group; ``echo`` is called on rank 0 only.
+
     Returns:
         The run directory (layout in :mod:`relkd.train`).
     """
@@ -166,14 +175,23 @@ def run_suite(config: SuiteConfig, resume: bool = False, quiet: bool = False, ec
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     run_dir = run_dir_of(config)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_data(config), sort_keys=False))
-    teacher = None
-    if config.teacher is not None:
-        teacher = run_teacher(config, run_dir, resume, quiet, echo)
-    for name in config.methods:
-        for seed in config.seeds:
-            run_method(config, name, seed, teacher, run_dir, resume, quiet, echo)
-    table = write_table(run_dir)
-    echo(table)
+    with distributed_session(resolve_device(config.device)):
+        if not D.is_main_process():
+            echo = _silent
+        else:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(to_data(config), sort_keys=False))
+        teacher = None
+        if config.teacher is not None:
+            teacher = run_teacher(config, run_dir, resume, quiet, echo)
+        for name in config.methods:
+            for seed in config.seeds:
+                run_method(config, name, seed, teacher, run_dir, resume, quiet, echo)
+        if D.is_main_process():
+            echo(write_table(run_dir))
+        D.barrier()
     return run_dir
+
+
+def _silent(message: str) -> None:
+    """The ``echo`` of every rank but the first."""

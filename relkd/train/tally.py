@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from relkd import distributed as D
 from relkd.train.metrics import topk_correct
 
 __all__ = ["EpochTally", "NonFiniteLossError"]
@@ -47,6 +48,16 @@ class EpochTally:
     def add_accuracy(self, logits: Tensor, target: Tensor) -> None:
         self.correct += topk_correct(logits, target)
         self.labelled += (target >= 0).sum()
+
+    def reduce(self) -> None:
+        """Average the sums over ranks and add up the accuracy counts (no-op in a single process)."""
+        if not D.is_distributed():
+            return
+        self.sums = D.reduce_mean(self.sums)
+        counts = torch.cat([self.correct, self.labelled.reshape(1)])
+        D.all_reduce_mean_([counts])
+        # the mean of the counts: the ratio (the accuracy) is that of the sums
+        self.correct, self.labelled = counts[:2], counts[2]
 
     def accuracy(self) -> float:
         """Top-1 (percent) on the labelled images so far (syncs)."""
