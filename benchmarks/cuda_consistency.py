@@ -31,7 +31,8 @@ def main() -> None:
         torch.randn(96, 24, generator=g, dtype=torch.float64),
     )
     print(
-        "| loss | rel. diff value (f64) | rel. diff grad (f64) | bf16 autocast finite | fwd+bwd ms B=256 D=2048 | x Gram floor |"
+        "| loss | rel. diff value (f64) | rel. diff grad (f64) | bf16 autocast finite "
+        "| fwd+bwd ms B=256 D=2048 | x Gram floor |"
     )
     print("|---|---|---|---|---|---|")
     x = torch.randn(256, 2048, device=dev, requires_grad=True)
@@ -56,7 +57,7 @@ def main() -> None:
             a = fn(torch.randn(128, 64, device=dev), torch.randn(128, 32, device=dev))
         finite = bool(torch.isfinite(a)) and a.dtype == torch.float32
 
-        def step():
+        def step(fn=fn):
             x.grad = None
             fn(x, y).backward()
 

@@ -57,8 +57,12 @@ def main() -> None:
     p.add_argument("--dims", type=int, nargs="+", default=[128])
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--max-textbook-gib", type=float, default=16.0,
-                   help="skip the textbook form when its estimated memory exceeds this")
+    p.add_argument(
+        "--max-textbook-gib",
+        type=float,
+        default=16.0,
+        help="skip the textbook form when its estimated memory exceeds this",
+    )
     p.add_argument("--child", nargs=4, metavar=("FORM", "B", "D", "MEASURE"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
@@ -91,8 +95,10 @@ def main() -> None:
                 if form != "textbook" and "seconds" in base:
                     ratio_t = f"{base['seconds'] / r['seconds']:.1f}x faster"
                     ratio_m = f"{base['peak_mib'] / max(r['peak_mib'], 1e-9):.0f}x less"
-                print(f"| {b} | {d} | {form} | {1e3 * r['seconds']:.1f} | {r['peak_mib']:.0f} "
-                      f"| {ratio_t} | {ratio_m} |")
+                print(
+                    f"| {b} | {d} | {form} | {1e3 * r['seconds']:.1f} | {r['peak_mib']:.0f} "
+                    f"| {ratio_t} | {ratio_m} |"
+                )
 
 
 if __name__ == "__main__":

@@ -48,7 +48,8 @@ class RelationGraph:
 
     Relations (all ``[..., N, N]`` unless noted):
         ``gram`` (``X X^T``), ``sq_distance``, ``distance``, ``cosine``, ``kernel(name, **params)``,
-        ``normalized_distance`` (RKD's ``d / mean d``), ``angles`` (``[..., N, N, N]``).
+        ``normalized_distance`` (RKD's ``d / mean d``), ``angles`` (``[..., N, N, N]``); per node
+        (``[..., N]``): ``diag`` (``||x_i||^2``) and ``inv_norm`` (``1 / ||x_i||``).
 
     Example:
         >>> g = RelationGraph(torch.randn(64, 128))
@@ -104,10 +105,19 @@ class RelationGraph:
         return ops.compute_dtype(self.x.dtype)
 
     def detach(self) -> RelationGraph:
-        """The same graph cut from autograd (cached relations are kept, detached)."""
-        out = RelationGraph(self.x.detach(), y=self.y, index=self.index)
-        out._cache = {k: v.detach() for k, v in self._cache.items()}
-        return out
+        """The same graph cut from autograd (cached relations are kept, detached).
+
+        A graph whose features need no gradient is returned as it is, and the detached copy of any
+        other graph is made once: every loss that detaches the teacher's graph then shares one cache,
+        so a step with several losses still pays for one Gram matrix per side.
+        """
+        if not self.x.requires_grad:
+            return self
+        if "_detached" not in self.__dict__:
+            out = RelationGraph(self.x.detach(), y=self.y, index=self.index)
+            out._cache = {k: v.detach() for k, v in self._cache.items()}
+            self.__dict__["_detached"] = out
+        return self.__dict__["_detached"]
 
     def _cached(self, key: Any, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         if key not in self._cache:
@@ -129,16 +139,18 @@ class RelationGraph:
         return self._cached("gram", lambda: ops.gram(self.x))
 
     @property
+    def diag(self) -> torch.Tensor:
+        """``G_ii = ||x_i||^2``, ``[..., N]`` (a constant on a :meth:`normalized` graph)."""
+        return self._cached("diag", lambda: ops.diagonal(self.gram))
+
+    @property
     def sq_distance(self) -> torch.Tensor:
         return self._cached("sq_distance", lambda: ops.sq_distance_from_gram(self.gram))
 
     @property
     def distance(self) -> torch.Tensor:
         """Euclidean distances, with bounded gradients on (near-)duplicates (see ``ops``)."""
-        return self._cached(
-            "distance",
-            lambda: ops.distance_from_sq(self.sq_distance, ops.distance_tolerance(self.gram)),
-        )
+        return self._cached("distance", lambda: ops.distance_from_gram(self.gram))
 
     @property
     def inv_distance(self) -> torch.Tensor:
@@ -166,7 +178,12 @@ class RelationGraph:
     @property
     def cosine(self) -> torch.Tensor:
         """``x_i . x_j / (||x_i|| ||x_j||)``; 0 for zero vectors."""
-        return self._cached("cosine", lambda: ops.cosine_from_gram(self.gram))
+        return self._cached("cosine", lambda: ops.cosine_from_gram(self.gram, self.inv_norm))
+
+    @property
+    def inv_norm(self) -> torch.Tensor:
+        """``1 / ||x_i||`` from the Gram diagonal, ``[..., N]``; 0 for zero vectors."""
+        return self._cached("inv_norm", lambda: ops.inv_sqrt_or_zero(self.diag))
 
     @property
     def angles(self) -> torch.Tensor:
@@ -204,9 +221,12 @@ class RelationGraph:
         """The graph of the L2-normalised rows; its Gram matrix is this graph's cosine matrix."""
 
         def fn() -> RelationGraph:
-            inv = ops.inv_or_zero(self.x.to(self.dtype).norm(dim=-1, keepdim=True))
-            out = RelationGraph(self.x.to(self.dtype) * inv, y=self.y, index=self.index)
+            x = self.x.to(self.dtype) * self.inv_norm.unsqueeze(-1)
+            out = RelationGraph(x, y=self.y, index=self.index)
             out._cache["gram"] = self.cosine
+            # Unit rows (zero rows stay zero): the diagonal is a constant, so kernels that read it
+            # send no gradient through it.
+            out._cache["diag"] = (self.inv_norm > 0).to(self.dtype)
             return out
 
         if "_normalized" not in self.__dict__:
@@ -315,7 +335,7 @@ def _rbf(g: RelationGraph, gamma: float = 1.0) -> torch.Tensor:
 @register_kernel("rbf_taylor")
 def _rbf_taylor(g: RelationGraph, gamma: float = 0.4, order: int = 2) -> torch.Tensor:
     """P-order Taylor expansion of the Gaussian kernel (see ``ops.rbf_taylor_from_gram``)."""
-    return ops.rbf_taylor_from_gram(g.gram, gamma=gamma, order=order)
+    return ops.rbf_taylor_from_gram(g.gram, gamma=gamma, order=order, diag=g.diag)
 
 
 @register_kernel("polynomial")

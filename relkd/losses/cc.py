@@ -19,6 +19,7 @@ Shapes:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from relkd.graphs import RelationGraph
 from relkd.losses._inputs import graph_pair, reduce
@@ -37,7 +38,7 @@ def correlation_congruence(
     s, t = graph_pair("correlation_congruence", student, teacher)
     k_s = s.normalized().kernel("rbf_taylor", gamma=gamma, order=order)
     k_t = t.normalized().kernel("rbf_taylor", gamma=gamma, order=order)
-    loss = (k_s - k_t).square().mean()
+    loss = F.mse_loss(k_s, k_t)
     return reduce(loss, s.num_nodes**2, reduction, "correlation_congruence")
 
 
@@ -50,6 +51,8 @@ class CCLoss(DistillLoss):
         losses:
           cc: {weight: 0.02, gamma: 0.4, order: 2}
     """
+
+    accepts_graphs = True
 
     def __init__(self, gamma: float = 0.4, order: int = 2, reduction: str = "mean") -> None:
         super().__init__()

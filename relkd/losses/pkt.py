@@ -29,15 +29,31 @@ Input = torch.Tensor | RelationGraph
 
 
 def _conditional(cos: torch.Tensor) -> torch.Tensor:
-    k = (cos + 1.0) / 2.0
+    # The kernel's 1/2 cancels in the row normalisation.
+    k = cos + 1.0
     return k / k.sum(-1, keepdim=True)
+
+
+class _Divergence(torch.autograd.Function):
+    """``mean(p_t log((p_t + eps) / (p_s + eps)))`` with the gradient ``-p_t / (p_s + eps) / n`` formed
+    in two passes (autograd's chain through the quotient takes six); ``p_t`` is a constant."""
+
+    @staticmethod
+    def forward(ctx, p_s: torch.Tensor, p_t: torch.Tensor, eps: float) -> torch.Tensor:
+        denominator = p_s + eps
+        ctx.save_for_backward(denominator, p_t)
+        return (p_t * torch.log((p_t + eps) / denominator)).mean()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        denominator, p_t = ctx.saved_tensors
+        return torch.div(p_t, denominator).mul_(-grad / p_t.numel()), None, None
 
 
 def pkt(student: Input, teacher: Input, eps: float = 1e-7, reduction: str = "mean") -> torch.Tensor:
     """PKT loss: KL-style divergence between cosine-kernel conditional probabilities."""
     s, t = graph_pair("pkt", student, teacher)
-    p_s, p_t = _conditional(s.cosine), _conditional(t.cosine)
-    loss = (p_t * torch.log((p_t + eps) / (p_s + eps))).mean()
+    loss = _Divergence.apply(_conditional(s.cosine), _conditional(t.cosine).detach(), eps)
     return reduce(loss, s.num_nodes**2, reduction, "pkt")
 
 
@@ -50,6 +66,8 @@ class PKTLoss(DistillLoss):
         losses:
           pkt: {weight: 30000.0}
     """
+
+    accepts_graphs = True
 
     def __init__(self, eps: float = 1e-7, reduction: str = "mean") -> None:
         super().__init__()

@@ -47,14 +47,19 @@ def rkd_distance(student: Input, teacher: Input, reduction: str = "mean") -> tor
 
 
 def rkd_angle(
-    student: Input, teacher: Input, reduction: str = "mean", chunk: int | None = None
+    student: Input,
+    teacher: Input,
+    reduction: str = "mean",
+    chunk: int | None = None,
+    fused: bool | None = None,
 ) -> torch.Tensor:
     """RKD angle potential: Huber between triplet-angle cosines, over ``B^3``.
 
-    ``chunk`` anchors are processed at a time (default: ~4M elements per block).
+    ``chunk`` anchors are processed at a time (default: ~4M elements per block). ``fused`` compiles
+    the per-chunk body (default: only inside ``torch.compile``), see :func:`relkd.graphs.angle_smooth_l1`.
     """
     s, t = graph_pair("rkd_angle", student, teacher, min_nodes=3)
-    loss = angle_smooth_l1(s.gram, s.inv_distance, t.gram, t.inv_distance, beta=1.0, chunk=chunk)
+    loss = angle_smooth_l1(s.gram, s.inv_distance, t.gram, t.inv_distance, beta=1.0, chunk=chunk, fused=fused)
     return reduce(loss, s.num_nodes**3, reduction, "rkd_angle")
 
 
@@ -67,6 +72,8 @@ class RKDLoss(DistillLoss):
         losses:
           rkd: {weight: 1.0, distance_weight: 1.0, angle_weight: 2.0}
     """
+
+    accepts_graphs = True
 
     def __init__(
         self, distance_weight: float = 1.0, angle_weight: float = 2.0, reduction: str = "mean"

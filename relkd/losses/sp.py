@@ -16,9 +16,10 @@ Shapes:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from relkd.graphs import RelationGraph
-from relkd.graphs.ops import distance_from_sq, inv_or_zero
+from relkd.graphs.ops import distance_from_sq
 from relkd.losses._inputs import graph_pair, reduce
 from relkd.losses.base import DistillLoss
 from relkd.losses.registry import register
@@ -29,14 +30,15 @@ Input = torch.Tensor | RelationGraph
 
 
 def _row_normalized(g: torch.Tensor) -> torch.Tensor:
-    return g * inv_or_zero(distance_from_sq(g.square().sum(-1, keepdim=True)))
+    # A division, not a product with the reciprocal: a row of one entry is then exactly 1.
+    norm = distance_from_sq(g.square().sum(-1, keepdim=True))
+    return g / torch.where(norm > 0, norm, 1.0)
 
 
 def similarity_preserving(student: Input, teacher: Input, reduction: str = "mean") -> torch.Tensor:
     """SP loss: squared Frobenius distance of the row-normalised Gram matrices over ``B^2``."""
     s, t = graph_pair("similarity_preserving", student, teacher)
-    diff = _row_normalized(s.gram) - _row_normalized(t.gram)
-    loss = diff.square().mean()
+    loss = F.mse_loss(_row_normalized(s.gram), _row_normalized(t.gram))
     return reduce(loss, s.num_nodes**2, reduction, "similarity_preserving")
 
 
@@ -49,6 +51,8 @@ class SPLoss(DistillLoss):
         losses:
           sp: {weight: 3000.0}
     """
+
+    accepts_graphs = True
 
     def __init__(self, reduction: str = "mean") -> None:
         super().__init__()
