@@ -450,3 +450,22 @@ def test_every_builtin_method_trains_a_small_cnn(tmp_path):
         result = run(cfg, name, teacher, tmp_path)
         stages = cfg.methods[name].stages
         assert result["epochs"] == (len(stages) if stages else 1), name
+
+
+def test_relational_terms_of_a_step_share_one_gram_product_per_side(tmp_path, teacher, monkeypatch):
+    import relkd.graphs.ops as ops
+    import relkd.train.engine as engine
+
+    grams, steps = [], []
+    real_gram, real_values = ops.gram, engine.term_values
+    monkeypatch.setattr(ops, "gram", lambda x: grams.append(x.shape) or real_gram(x))
+
+    def counted(*args, **kwargs):
+        steps.append(1)
+        return real_values(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "term_values", counted)
+    losses = {"rkd": {"weight": 1.0}, "sp": {"weight": 1.0}, "cc": {"weight": 1.0}, "pkt": {"weight": 1.0}}
+    cfg = config({"four": {"losses": losses}}, "train.epochs=1", "log_agreement=false")
+    run(cfg, "four", teacher, tmp_path / "four")
+    assert steps and len(grams) == 2 * len(steps), (len(grams), len(steps))

@@ -24,10 +24,14 @@ class DistillLoss(nn.Module):
             them. ``"logits"`` is the network's output; other names are feature taps (``"penultimate"``,
             ``"stage1"``, ...) that the engine resolves with forward hooks. A config may override them.
         batch_keys: fields of the batch the loss needs besides the features (e.g. ``"index"``).
+        accepts_graphs: the loss reads its inputs only through ``RelationGraph`` relations, so a trainer
+            may pass one graph per network and tap, shared by every such loss of the step: each side's
+            Gram matrix is then computed once however many relational losses read it.
     """
 
     taps: ClassVar[tuple[str, ...]] = ("penultimate",)
     batch_keys: ClassVar[tuple[str, ...]] = ()
+    accepts_graphs: ClassVar[bool] = False
 
     def distill(
         self,

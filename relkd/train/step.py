@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from relkd.distributed import global_graph
+from relkd.graphs import RelationGraph
 from relkd.models import FeatureTaps
 from relkd.train.stages import Stage
 from relkd.train.terms import LossTerm
@@ -75,6 +77,21 @@ def term_values(
     """Unweighted values of the stage's terms: ``ce`` (summed over the students) when its weight is
     nonzero, then each term by name."""
     values = {}
+    graphs: dict[tuple[int, bool], RelationGraph] = {}
+
+    def shared(view: dict[str, Any], detach: bool) -> dict[str, Any]:
+        # One graph per tapped tensor and side for the whole step, so that relational losses reading the
+        # same features share its Gram matrix (over the global batch under data parallelism).
+        out = {}
+        for own, value in view.items():
+            if isinstance(value, Tensor) and value.dim() >= 2:
+                key = (id(value), detach)
+                if key not in graphs:
+                    graphs[key] = global_graph(value, detach=detach)
+                value = graphs[key]
+            out[own] = value
+        return out
+
     if stage.ce_weight:
         values["ce"] = sum(cross_entropy(features[s]["logits"], batch["target"]) for s in students)
     for use in stage.uses:
@@ -83,7 +100,10 @@ def term_values(
         method = term.module.distill if use.call is None else getattr(term.module, use.call)
         if use.network is None:
             s_view = term.student_view(features[spec.student])
-            values[use.term] = method(s_view, term.teacher_view(features[spec.teacher]), batch)
+            t_view = term.teacher_view(features[spec.teacher])
+            if use.call is None and term.module.accepts_graphs:
+                s_view, t_view = shared(s_view, False), shared(t_view, True)
+            values[use.term] = method(s_view, t_view, batch)
         else:
             view = term.teacher_view if use.network in teachers else term.student_view
             values[use.term] = method(view(features[use.network]), batch)
