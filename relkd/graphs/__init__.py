@@ -11,6 +11,7 @@ from relkd.graphs.relation_graph import KERNELS, RelationGraph, register_kernel
 __all__ = [
     "RelationGraph",
     "as_graph",
+    "check_pair",
     "register_kernel",
     "KERNELS",
     "knn_from_relation",
@@ -30,3 +31,18 @@ def as_graph(x: torch.Tensor | RelationGraph, *, detach: bool = False) -> Relati
             f"expected a batch of embeddings [B, D] or features [B, ...], got shape {tuple(x.shape)}"
         )
     return RelationGraph.from_features(x.detach() if detach else x)
+
+
+def check_pair(name: str, student: RelationGraph, teacher: RelationGraph) -> None:
+    """Raise ``ValueError`` unless ``student`` and ``teacher`` are single graphs of equally many nodes."""
+    for side, g in (("student", student), ("teacher", teacher)):
+        if g.batch_shape:
+            raise ValueError(
+                f"{name}: expected {side} embeddings [N, D] (one graph), got a batch of graphs with "
+                f"node features {tuple(g.x.shape)}; index one graph first"
+            )
+    if student.num_nodes != teacher.num_nodes:
+        raise ValueError(
+            f"{name}: expected student and teacher with the same batch size, got "
+            f"{student.num_nodes} and {teacher.num_nodes}"
+        )

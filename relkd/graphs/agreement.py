@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 from scipy.stats import spearmanr
 
-from relkd.graphs import RelationGraph, as_graph
+from relkd.graphs import RelationGraph, as_graph, check_pair
 
 __all__ = [
     "AGREEMENT_KEYS",
@@ -62,17 +62,7 @@ def probe_pair(
 ) -> tuple[RelationGraph, RelationGraph]:
     """Detached student and teacher graphs of one batch each, with the same number of nodes."""
     s, t = as_graph(student, detach=True), as_graph(teacher, detach=True)
-    for side, g in (("student", s), ("teacher", t)):
-        if g.batch_shape:
-            raise ValueError(
-                f"{name}: expected {side} embeddings [N, D] (one graph), got a batch of graphs "
-                f"with node features {tuple(g.x.shape)}; index one graph first"
-            )
-    if s.num_nodes != t.num_nodes:
-        raise ValueError(
-            f"{name}: expected student and teacher with the same batch size, got "
-            f"{s.num_nodes} and {t.num_nodes}"
-        )
+    check_pair(name, s, t)
     if s.num_nodes < min_nodes:
         raise ValueError(f"{name}: needs a probe batch of at least {min_nodes} instances, got {s.num_nodes}")
     return s, t

@@ -8,7 +8,7 @@ import torch
 
 from relkd._debug import check_finite
 from relkd.distributed import global_graph, global_relations_enabled, is_global_graph
-from relkd.graphs import RelationGraph, as_graph
+from relkd.graphs import RelationGraph, as_graph, check_pair
 
 _warned: set[str] = set()
 
@@ -35,17 +35,7 @@ def graph_pair(
     smaller than ``min_nodes`` (the relation is then trivial and the loss is 0, still differentiable).
     """
     s, t = as_graph(student), as_graph(teacher, detach=True)
-    for side, g in (("student", s), ("teacher", t)):
-        if g.batch_shape:
-            raise ValueError(
-                f"{name}: expected {side} embeddings [B, D] (one graph), got a batch of graphs with "
-                f"node features {tuple(g.x.shape)}"
-            )
-    if s.num_nodes != t.num_nodes:
-        raise ValueError(
-            f"{name}: expected student and teacher with the same batch size, got "
-            f"{s.num_nodes} and {t.num_nodes}"
-        )
+    check_pair(name, s, t)
     if global_relations_enabled():
         s, t = _global(name, "student", student, s), _global(name, "teacher", teacher, t)
         if s.num_nodes != t.num_nodes:
