@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from svd_cases import known_features, layers
 
 import relkd.graphs.svd as svd
 import relkd.losses as L
@@ -17,27 +18,6 @@ CHANNELS = [4, 6, 8]
 # offers four candidates.
 TEACHER = [(4, 3, 5, [5.0, 3.0, 2.0, 1.0]), (6, 2, 4, [4.0, 2.5, 1.5, 0.7]), (8, 1, 5, [3.0, 2.0, 1.5, 1.0])]
 STUDENT = [(4, 3, 5, [4.0, 2.0, 1.2, 0.5]), (6, 2, 4, [6.0, 3.0, 2.0, 1.0]), (8, 1, 5, [2.0, 1.5, 0.9, 0.4])]
-
-
-def orthonormal(n: int, r: int, g: torch.Generator) -> torch.Tensor:
-    q, _ = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=torch.float64))
-    return q
-
-
-def known_features(batch: int, c: int, h: int, w: int, s: list[float], g: torch.Generator):
-    """Feature maps whose ``HW x C`` matrices are ``U diag(s) V^T``; returns (maps, V ``[B, C, r]``)."""
-    maps, vs = [], []
-    for _ in range(batch):
-        u, v = orthonormal(h * w, len(s), g), orthonormal(c, len(s), g)
-        x = u @ torch.diag(torch.tensor(s, dtype=torch.float64)) @ v.T
-        maps.append(x.T.reshape(c, h, w))
-        vs.append(v)
-    return torch.stack(maps), torch.stack(vs)
-
-
-def layers(spec, batch: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    return [known_features(batch, *layer, g) for layer in spec]
 
 
 def teacher_vector(v: torch.Tensor) -> torch.Tensor:
