@@ -28,6 +28,7 @@ from relkd.train.terms import INJECTED, TERM_KEYS
 __all__ = ["check_suite"]
 
 AMP = (None, "bf16", "fp16")
+CLIP_RAMPS = (None, "sigmoid")
 STAGE_TERM_KEYS = {"weight": float, "call": str, "network": str}
 # component -> (its registry, the arguments the engine passes itself)
 COMPONENTS = {
@@ -146,6 +147,11 @@ def _check_train(path: str, train: TrainConfig) -> None:
         )
     for key, (registry, filled_in) in COMPONENTS.items():
         _check_component(join(path, key), getattr(train, key), registry, filled_in)
+    if train.clip_to_ce_ramp not in CLIP_RAMPS:
+        raise ConfigError(
+            f"{path}.clip_to_ce_ramp: expected one of {', '.join(map(str, CLIP_RAMPS))}, "
+            f"got {train.clip_to_ce_ramp!r}"
+        )
 
 
 def _check_method(path: str, method: MethodConfig, config: SuiteConfig) -> None:

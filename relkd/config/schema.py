@@ -92,6 +92,9 @@ class TrainConfig:
         clip_to_ce: clip the distillation terms' gradient of each parameter to the norm of its
             cross-entropy gradient, ``g = g_ce + g_kd * min(1, |g_ce| / |g_kd|)``, as the KD-SVD and
             MHGD authors do; parameters without a cross-entropy gradient (a loss's own) are not clipped.
+        clip_to_ce_ramp: ``sigmoid`` scales that clipping norm by ``sigmoid(e)``, ``e`` the 0-based epoch
+            within the stage (the authors' TensorFlow code: half the cross-entropy norm at the start);
+            null clips to the full norm.
         batch_transform: ``{name, **options}`` of a registered transform applied to every training
             batch once, before any network sees it (``identity``).
     """
@@ -105,6 +108,7 @@ class TrainConfig:
     ce_weight: float = 1.0
     clip_grad_norm: float | None = None
     clip_to_ce: bool = False
+    clip_to_ce_ramp: str | None = None
     batch_transform: dict[str, Any] = field(default_factory=lambda: {"name": "identity"})
 
 

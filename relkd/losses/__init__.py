@@ -1,35 +1,28 @@
 """Distillation losses: ``nn.Module`` forms here, functional forms in ``relkd.losses.functional``.
 
 Build any loss by name with :func:`build`; :func:`available` lists the names.
+
+Every module of this package is imported here, so a loss registers itself by existing: a new loss is
+one file holding its functional form(s), listed in the module's ``FUNCTIONAL``, and its ``@register``-ed
+module class. The names in each module's ``__all__`` are re-exported from ``relkd.losses``.
 """
 
-from relkd.losses import functional
-from relkd.losses.base import DistillLoss
-from relkd.losses.cc import CCLoss
-from relkd.losses.crd import CRDLoss
-from relkd.losses.hkd import HKDLoss
-from relkd.losses.kd import KDLoss
-from relkd.losses.kdsvd import KDSVDLoss
-from relkd.losses.mhgd import MHGDLoss
-from relkd.losses.pkt import PKTLoss
-from relkd.losses.registry import LOSSES, available, build, register
-from relkd.losses.rkd import RKDLoss
-from relkd.losses.sp import SPLoss
+import importlib as _importlib
+import pkgutil as _pkgutil
 
-__all__ = [
-    "DistillLoss",
-    "KDLoss",
-    "RKDLoss",
-    "SPLoss",
-    "CCLoss",
-    "PKTLoss",
-    "LOSSES",
-    "available",
-    "build",
-    "register",
-    "functional",
-    "HKDLoss",
-    "CRDLoss",
-    "KDSVDLoss",
-    "MHGDLoss",
-]
+from relkd.losses.base import DistillLoss
+from relkd.losses.registry import LOSSES, available, build, register
+
+__all__ = ["DistillLoss", "LOSSES", "available", "build", "register", "functional"]
+
+LOSS_MODULES: list[str] = []
+for _info in sorted(_pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    if _info.name.startswith("_") or _info.name in ("base", "registry", "functional"):
+        continue
+    _module = _importlib.import_module(f"{__name__}.{_info.name}")
+    LOSS_MODULES.append(_module.__name__)
+    for _name in getattr(_module, "__all__", ()):
+        globals()[_name] = getattr(_module, _name)
+        __all__.append(_name)
+
+from relkd.losses import functional  # noqa: E402  (collects FUNCTIONAL from the modules above)

@@ -27,6 +27,7 @@ from relkd.losses.base import DistillLoss
 from relkd.losses.registry import register
 
 __all__ = ["correlation_congruence", "CCLoss"]
+FUNCTIONAL = ("correlation_congruence",)
 
 Input = torch.Tensor | RelationGraph
 

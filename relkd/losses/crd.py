@@ -51,6 +51,7 @@ from relkd.losses.registry import register
 from relkd.memory import MemoryBank, NegativeSampler, QueueBank
 
 __all__ = ["crd", "crd_scores", "CRDLoss"]
+FUNCTIONAL = ("crd",)
 
 # bank kind -> the bank each network gets
 _BANKS = {

@@ -1,25 +1,13 @@
-"""Functional forms of every loss: pure math on tensors or RelationGraphs."""
+"""Functional forms of every loss: pure math on tensors or RelationGraphs.
 
-from relkd.losses.cc import correlation_congruence
-from relkd.losses.crd import crd
-from relkd.losses.hkd import hkd
-from relkd.losses.kd import kd
-from relkd.losses.kdsvd import kd_svd
-from relkd.losses.mhgd import mhgd, mhgd_pretrain
-from relkd.losses.pkt import pkt
-from relkd.losses.rkd import rkd_angle, rkd_distance
-from relkd.losses.sp import similarity_preserving
+Collected from the ``FUNCTIONAL`` names of each module of :mod:`relkd.losses`.
+"""
 
-__all__ = [
-    "kd",
-    "rkd_distance",
-    "rkd_angle",
-    "similarity_preserving",
-    "correlation_congruence",
-    "pkt",
-    "hkd",
-    "crd",
-    "kd_svd",
-    "mhgd",
-    "mhgd_pretrain",
-]
+import sys as _sys
+
+__all__: list[str] = []
+for _module_name in _sys.modules["relkd.losses"].LOSS_MODULES:
+    _module = _sys.modules[_module_name]
+    for _name in getattr(_module, "FUNCTIONAL", ()):
+        globals()[_name] = getattr(_module, _name)
+        __all__.append(_name)

@@ -70,6 +70,7 @@ from relkd.losses.registry import register
 from relkd.memory import MemoryBank, NegativeSampler
 
 __all__ = ["hkd", "HKDLoss"]
+FUNCTIONAL = ("hkd",)
 
 # Which bank scores each network's anchors' negatives: (student's, teacher's).
 _NEGATIVE_BANKS = {

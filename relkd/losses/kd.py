@@ -24,6 +24,7 @@ from relkd.losses.base import DistillLoss
 from relkd.losses.registry import register
 
 __all__ = ["kd", "KDLoss"]
+FUNCTIONAL = ("kd",)
 
 
 def kd(

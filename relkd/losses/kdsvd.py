@@ -52,6 +52,7 @@ from relkd.losses.base import DistillLoss
 from relkd.losses.registry import register
 
 __all__ = ["kd_svd", "KDSVDLoss", "ChannelConnector", "build_connectors", "check_feature_lists"]
+FUNCTIONAL = ("kd_svd",)
 
 
 def check_feature_lists(

@@ -65,6 +65,10 @@ from relkd.losses.kdsvd import build_connectors, check_feature_lists, connect
 from relkd.losses.registry import register
 
 __all__ = ["mhgd", "mhgd_pretrain", "AttentionHeads", "MHGDLoss"]
+FUNCTIONAL = (
+    "mhgd",
+    "mhgd_pretrain",
+)
 
 
 class _LinearBN(nn.Module):

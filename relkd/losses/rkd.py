@@ -35,6 +35,10 @@ from relkd.losses.base import DistillLoss
 from relkd.losses.registry import register
 
 __all__ = ["rkd_distance", "rkd_angle", "RKDLoss"]
+FUNCTIONAL = (
+    "rkd_distance",
+    "rkd_angle",
+)
 
 Input = torch.Tensor | RelationGraph
 

@@ -25,6 +25,7 @@ from relkd.losses.base import DistillLoss
 from relkd.losses.registry import register
 
 __all__ = ["similarity_preserving", "SPLoss"]
+FUNCTIONAL = ("similarity_preserving",)
 
 Input = torch.Tensor | RelationGraph
 

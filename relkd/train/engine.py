@@ -349,10 +349,14 @@ class Engine:
             leave=False,
         )
         lr = active.optimizer.param_groups[0]["lr"]
+        ramp = 1.0
+        if stage.clip_to_ce_ramp == "sigmoid":
+            stage_epoch = epoch - sum(s.epochs for s in self.stages[: active.index])
+            ramp = 1.0 / (1.0 + math.exp(-stage_epoch))
         step = 0
         try:
             for step, batch in enumerate(self.batches.epoch(epoch, with_transfer=bool(stage.uses)), 1):
-                values, total, logits = self._step(active.transform(batch), active, weights)
+                values, total, logits = self._step(active.transform(batch), active, weights, ramp)
                 tally.add(values, total, epoch * steps + step)
                 if logits is not None:
                     tally.add_accuracy(logits, batch["target"])
@@ -379,7 +383,7 @@ class Engine:
         return row
 
     def _step(
-        self, batch: dict[str, Tensor], active: _Active, weights: dict[str, float]
+        self, batch: dict[str, Tensor], active: _Active, weights: dict[str, float], ramp: float = 1.0
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """One optimiser step; returns the detached term values, the total and the first student's logits."""
         stage = active.stage
@@ -393,7 +397,9 @@ class Engine:
                 "a nonzero ce_weight or a term that reads a trainable module"
             )
         active.optimizer.zero_grad(set_to_none=True)
-        total = backward(values, weights, params, self.scaler.scale, stage.clip_to_ce, D.all_reduce_mean_)
+        total = backward(
+            values, weights, params, self.scaler.scale, stage.clip_to_ce, D.all_reduce_mean_, ramp
+        )
         if D.is_distributed() and not clips_to_ce(weights, stage.clip_to_ce):
             D.average_gradients(p for p in params if id(p) not in active.synced)
         if stage.clip_grad_norm is not None:

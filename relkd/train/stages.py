@@ -57,6 +57,7 @@ class Stage:
     warmup_epochs: int
     clip_grad_norm: float | None
     clip_to_ce: bool
+    clip_to_ce_ramp: str | None
     batch_transform: dict[str, Any]
     after: list[str] = field(default_factory=list)
 
@@ -103,6 +104,7 @@ def _stage(cfg: Any | None, train: Any, term_weights: Mapping[str, float]) -> St
         warmup_epochs=pick("warmup_epochs"),
         clip_grad_norm=train.clip_grad_norm,
         clip_to_ce=train.clip_to_ce,
+        clip_to_ce_ramp=train.clip_to_ce_ramp,
         batch_transform=dict(train.batch_transform),
         after=[] if cfg is None else list(cfg.after),
     )

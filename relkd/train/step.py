@@ -123,11 +123,13 @@ def backward(
     scale: Callable[[Tensor], Tensor],
     clip_to_ce: bool = False,
     average: Callable[[list[Tensor]], None] = lambda grads: None,
+    ramp: float = 1.0,
 ) -> Tensor:
     """Accumulate the gradient of ``sum_k weights[k] * values[k]`` into ``params`` and return the sum.
 
     With ``clip_to_ce``, each parameter's gradient from the other terms is clipped to the norm of its
-    cross-entropy gradient (the KD-SVD / MHGD authors' rule): ``g = g_ce + g_kd * min(1, |g_ce| / |g_kd|)``.
+    cross-entropy gradient (the KD-SVD / MHGD authors' rule):
+    ``g = g_ce + g_kd * min(1, ramp * |g_ce| / |g_kd|)``.
     A parameter without a cross-entropy gradient keeps its distillation gradient unclipped.
 
     Args:
@@ -140,6 +142,7 @@ def backward(
             gradients, before the rule compares them: under data parallelism the mean over ranks
             (:func:`relkd.distributed.all_reduce_mean_`), so that the rule sees the global-batch
             gradients. Not called without the rule (the caller averages ``p.grad`` then).
+        ramp: the clipping norm is ``ramp * |g_ce|`` (the authors' ``sigmoid(epoch)`` warm-up).
     """
     total = sum(weights[k] * values[k].float() for k in weights)
     rest = [k for k in weights if k != "ce"]
@@ -154,7 +157,7 @@ def backward(
     average([g for g in g_kd if g is not None])
     for p, a, b in zip(params, g_ce, g_kd, strict=True):
         if a is not None and b is not None:
-            g = a + b * (a.norm() / b.norm().clamp_min(1e-30)).clamp(max=1.0)
+            g = a + b * (ramp * a.norm() / b.norm().clamp_min(1e-30)).clamp(max=1.0)
         else:
             g = a if b is None else b
         if g is not None:
