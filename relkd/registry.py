@@ -6,9 +6,10 @@ and the engine builds what the config names without knowing any method.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import fnmatch
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 __all__ = ["Registry", "suggest"]
@@ -45,6 +46,22 @@ class Registry:
             return obj
 
         return deco
+
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (and nothing else); unknown names are an error."""
+        key = name.lower()
+        if key not in self._entries:
+            raise KeyError(f"{self.kind} {name!r} is not registered")
+        del self._entries[key]
+
+    @contextlib.contextmanager
+    def temporarily(self, name: str, obj: Callable[..., Any]) -> Iterator[Callable[..., Any]]:
+        """Register ``obj`` as ``name`` inside a ``with`` block only (tests, experiments)."""
+        self.register(name)(obj)
+        try:
+            yield obj
+        finally:
+            self.unregister(name)
 
     def get(self, name: str) -> Callable[..., Any]:
         key = name.lower()

@@ -29,6 +29,7 @@ LOSS_KWARGS: dict[str, Callable[[], dict[str, Any]]] = {
         "k": 4,
     },
     "mhgd": lambda: {"teacher_channels": [c for c, *_ in STAGES]},
+    "fitnet": lambda: {"student_shape": STAGES[1], "teacher_shape": STAGES[1]},
 }
 
 
@@ -118,7 +119,11 @@ def loss_case() -> Callable[[str], LossCase]:
             loss.sampler = _FixedNegatives(torch.randint(0, NUM_DATA, (B, NEGATIVES), generator=g))
         student = {tap: _features(tap, g, True) for tap in loss.taps}
         teacher = {tap: _features(tap, g, False) for tap in loss.taps}
-        batch = {"index": torch.randperm(NUM_DATA, generator=g)[:B]} if loss.batch_keys else {}
+        batch = {}
+        if "index" in loss.batch_keys:
+            batch["index"] = torch.randperm(NUM_DATA, generator=g)[:B]
+        if "target" in loss.batch_keys:
+            batch["target"] = torch.randint(0, CLASSES, (B,), generator=g)
         return LossCase(loss, student, teacher, batch)
 
     return make

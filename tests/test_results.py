@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from relkd.results import collect, summarize, write_table
+from relkd.experiment.results import collect, summarize, write_table
 
 RESULTS = {
     "baseline": [(0, 80.0, 81.0, 97.0), (1, 82.5, 83.0, 98.0), (2, 79.5, 82.0, 96.5)],

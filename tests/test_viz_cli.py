@@ -13,19 +13,15 @@ import networkx as nx
 import pytest
 import torch
 
+from relkd.cli import COMMANDS, main
+from relkd.cli import _parser as relkd_parser
 from relkd.config import load_config
+from relkd.experiment import run_suite
+from relkd.experiment.plot import plot_run, read_histories
+from relkd.experiment.probe import VizUsageError, probe_batch
+from relkd.experiment.setup import build_model, load_bundle, load_weights
+from relkd.experiment.viz import viz_run
 from relkd.graphs.agreement import agreement
-from relkd.train import CheckpointError, run_suite
-from relkd.train.setup import build_model, load_bundle, load_weights
-from relkd.viz.commands import (
-    VizUsageError,
-    add_plot_parser,
-    add_viz_parser,
-    plot_run,
-    probe_batch,
-    read_histories,
-    viz_run,
-)
 
 torch.set_num_threads(1)
 
@@ -188,16 +184,13 @@ def test_viz_errors_name_what_is_missing_and_the_command(run_dir, tmp_path):
 
 @pytest.mark.slow
 def test_viz_from_checkpoints_alone_matches_the_run_directory(run_dir, drawn, tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers()
-    add_viz_parser(sub)
-    args = parser.parse_args([
+    args = relkd_parser().parse_args([
         "viz", "--teacher", str(run_dir / "teacher" / "final.pt"),
         "--student", str(run_dir / "kd" / "seed0" / "final.pt"), "--dataset", "digits",
         "--teacher-args", "{width: 32, depth: 1}", "--student-args", "{width: 16, depth: 1}",
         "--batch-size", str(BATCH), "-k", str(K), "--relation", "cosine", "--out", str(tmp_path / "v"),
     ])  # fmt: skip
-    assert args.func(args) == 0
+    assert COMMANDS[args.command][2](args) == 0
     written = capsys.readouterr().out.split()
     assert written[0] == str(tmp_path / "v" / "relations_kd_cosine.png")
     alone = json.loads((tmp_path / "v" / "agreement.json").read_text())
@@ -207,16 +200,14 @@ def test_viz_from_checkpoints_alone_matches_the_run_directory(run_dir, drawn, tm
 
     # the widths are not in final.pt: without them the weights do not fit, and the error says so
     teacher, student = str(run_dir / "teacher" / "final.pt"), str(run_dir / "kd" / "seed0" / "final.pt")
-    args = parser.parse_args(["viz", "--teacher", teacher, "--student", student, "--dataset", "digits"])
-    with pytest.raises(CheckpointError, match="--teacher-args"):
-        args.func(args)
+    capsys.readouterr()
+    assert main(["viz", "--teacher", teacher, "--student", student, "--dataset", "digits"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("relkd: error: ") and "--teacher-args" in err
     # a plain state dict records no model name
     plain = tmp_path / "plain.pt"
     torch.save(torch.load(run_dir / "teacher" / "final.pt", weights_only=True)["students"]["teacher"], plain)
-    args = parser.parse_args(
-        ["viz", "--teacher", str(plain), "--student", f"kd={plain}", "--dataset", "digits"]
-    )
-    assert args.func(args) == 2
+    assert main(["viz", "--teacher", str(plain), "--student", f"kd={plain}", "--dataset", "digits"]) == 2
     assert "does not record its model: pass --teacher-model" in capsys.readouterr().err
 
 
@@ -268,11 +259,7 @@ def test_plot_errors_name_what_is_missing(tmp_path):
 
 @pytest.fixture
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="relkd")
-    sub = p.add_subparsers(dest="command", required=True)
-    add_viz_parser(sub)
-    add_plot_parser(sub)
-    return p
+    return relkd_parser()
 
 
 def test_viz_options_parse_with_defaults(parser):
@@ -309,9 +296,10 @@ def test_bad_options_are_usage_errors(parser, argv):
      (["viz", "--teacher", "t.pt", "--dataset", "digits"], "(missing --student)"),
      (["viz", "r", "-k", "0"], "-k must be between 1 and the batch size - 1 (127), got 0")],
 )  # fmt: skip
-def test_options_that_do_not_fit_print_one_line_and_return_2(parser, argv, message, capsys):
-    args = parser.parse_args(argv)
-    assert args.func(args) == 2
+def test_options_that_do_not_fit_print_one_line_and_return_2(argv, message, capsys):
+    from relkd.cli import main
+
+    assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("relkd viz: error: ") and message in err and err.count("\n") == 1
 
@@ -320,7 +308,7 @@ def test_plot_command_runs_through_func(parser, tmp_path, capsys):
     rows = [{"epoch": 1, "test_acc1": 50.0, "knn_overlap": 0.2}, {"epoch": 2, "test_acc1": 60.0}]
     write_metrics(tmp_path / "baseline" / "seed0" / "metrics.jsonl", rows)
     args = parser.parse_args(["plot", str(tmp_path), "--format", "svg"])
-    assert args.func(args) == 0
+    assert COMMANDS[args.command][2](args) == 0
     plots = tmp_path / "plots"
     expected = [plots / "training_curves.svg", plots / "agreement_curves.svg"]
     assert capsys.readouterr().out.split() == [str(p) for p in expected]

@@ -16,14 +16,20 @@ import torch
 
 from relkd import data as datasets
 from relkd import models
-from relkd.config.schema import DataConfig, MethodConfig, StageConfig, SuiteConfig, TrainConfig
+from relkd.config.schema import (
+    DataConfig,
+    MethodConfig,
+    StageConfig,
+    SuiteConfig,
+    TeacherConfig,
+    TrainConfig,
+)
 from relkd.config.validate import ConfigError, check_kwargs, check_value, join, unknown_key
 from relkd.data.loaders import LOADERS
 from relkd.losses import LOSSES
+from relkd.methods import BATCH_TRANSFORMS, INJECTED, STEPS, TERM_KEYS
+from relkd.optim import OPTIMIZERS, SCHEDULES
 from relkd.registry import Registry, suggest
-from relkd.train.batches import BATCH_TRANSFORMS
-from relkd.train.optim import OPTIMIZERS, SCHEDULES
-from relkd.train.terms import INJECTED, TERM_KEYS
 
 __all__ = ["check_suite"]
 
@@ -54,6 +60,7 @@ def check_suite(config: SuiteConfig) -> None:
             raise ConfigError(
                 f"device: {config.device!r} is not a device; use auto, cpu, cuda or cuda:N"
             ) from None
+    _check_imports(config.imports)
     if config.threads is not None and config.threads < 1:
         raise ConfigError(f"threads: expected a positive number of CPU threads or null, got {config.threads}")
     if config.probe_size < 3:
@@ -61,19 +68,38 @@ def check_suite(config: SuiteConfig) -> None:
             f"probe_size: the agreement metrics need at least 3 images, got {config.probe_size}"
         )
     _check_data("data", config.data)
-    _check_model("student", config.student.model)
+    if not config.students:
+        raise ConfigError("student: missing; give the network to train, e.g. student: {model: lenet}")
+    for name, student in config.students.items():
+        _check_network_name(f"students.{name}", name)
+        _check_model(f"students.{name}", student.model)
     _check_train("train", config.train)
-    if config.teacher is not None:
-        _check_model("teacher", config.teacher.model)
-        _check_data("teacher.data", config.teacher.data)
-        _check_train("teacher.train", config.teacher.train)
+    for name, teacher in config.teachers.items():
+        _check_network_name(f"teachers.{name}", name)
+        _check_teacher(f"teachers.{name}", teacher, config)
     if not config.methods:
         raise ConfigError("methods: no method to run; name at least one, e.g. methods: [baseline]")
     for name, method in config.methods.items():
         _check_method(f"methods.{name}", method, config)
+    _check_evaluators("evaluate", config.evaluate)
     for loss in config.loss_args:
         if loss not in LOSSES:
             raise ConfigError(f"loss_args.{loss}: no such loss.{suggest(loss, LOSSES.available())}")
+
+
+def _check_imports(imports: list[str]) -> None:
+    import importlib.util
+
+    for i, module in enumerate(imports):
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise ConfigError(
+                f"imports.{i}: no module {module!r} on the Python path; install the package that holds it, "
+                "or run from the folder that holds it (the current folder is on the path)"
+            )
 
 
 def _check_name(path: str, name: str, registry: Registry) -> Any:
@@ -133,11 +159,45 @@ def _check_data(path: str, data: DataConfig) -> None:
 
 
 def _check_model(path: str, name: str) -> None:
-    if ":" not in name and name not in models.MODELS:
+    if not name:
+        raise ConfigError(f"{path}.model: missing; name a model (`relkd list models`)")
+    if name.startswith("torchvision:"):
+        available = models.available("torchvision:*")
+        if name not in available:
+            raise ConfigError(
+                f"{path}.model: unknown torchvision model {name!r}.{suggest(name, available)} "
+                "`relkd list models` shows every model"
+            )
+        return
+    if name not in models.MODELS:
         raise ConfigError(
             f"{path}.model: unknown model {name!r}.{suggest(name.lower(), models.MODELS.available())} "
-            "`relkd list` shows every model; torchvision models are named torchvision:<name>"
+            "`relkd list models` shows every model; torchvision models are named torchvision:<name>"
         )
+
+
+def _check_network_name(path: str, name: str) -> None:
+    if not _IDENTIFIER.match(name) or name in ("loss", "steps"):
+        raise ConfigError(
+            f"{path}: a network name is a Python identifier (letters, digits, _) other than 'loss' and "
+            f"'steps', got {name!r}"
+        )
+
+
+def _check_teacher(path: str, teacher: TeacherConfig, config: SuiteConfig) -> None:
+    _check_model(path, teacher.model)
+    _check_data(f"{path}.data", teacher.data)
+    _check_train(f"{path}.train", teacher.train)
+    if teacher.method is not None:
+        _check_method(f"{path}.method", teacher.method, config, trains_teacher=True)
+
+
+def _check_evaluators(path: str, evaluators: Mapping[str, Any]) -> None:
+    from relkd.evaluation import EVALUATORS
+
+    for name, options in evaluators.items():
+        fn = _check_name(join(path, name), name, EVALUATORS)
+        check_kwargs(join(path, name), options or {}, fn)
 
 
 def _check_train(path: str, train: TrainConfig) -> None:
@@ -154,10 +214,26 @@ def _check_train(path: str, train: TrainConfig) -> None:
         )
 
 
-def _check_method(path: str, method: MethodConfig, config: SuiteConfig) -> None:
+def _check_method(path: str, method: MethodConfig, config: SuiteConfig, trains_teacher: bool = False) -> None:
     _check_train(join(path, "train"), method.train)
-    if method.losses and config.teacher is None:
-        raise ConfigError(f"{path}.losses: distillation terms need a teacher, but teacher is null")
+    _check_component(join(path, "step"), method.step, STEPS, ())
+    students = ["teacher"] if trains_teacher else list(method.students or {})
+    teachers = [] if trains_teacher else list(method.teachers or {})
+    for name, student in ({} if trains_teacher else method.students or {}).items():
+        _check_network_name(f"{path}.students.{name}", name)
+        _check_model(f"{path}.students.{name}", student.model)
+    for name in teachers:
+        _check_network_name(f"{path}.teachers.{name}", name)
+    clash = set(students) & set(teachers)
+    if clash:
+        raise ConfigError(f"{path}: {sorted(clash)[0]!r} names a student and a teacher; rename one")
+    for name in method.deploy or []:
+        if name not in students:
+            raise ConfigError(
+                f"{path}.deploy: {name!r} is not a student of the method.{suggest(name, students)} "
+                f"Its students: {', '.join(students)}"
+            )
+    _check_evaluators(join(path, "evaluate"), method.evaluate)
     classes = {}
     for term, options in method.losses.items():
         tpath = f"{path}.losses.{term}"
@@ -171,15 +247,26 @@ def _check_method(path: str, method: MethodConfig, config: SuiteConfig) -> None:
             hint = suggest(loss_name, LOSSES.available()) or f" Registered: {', '.join(LOSSES.available())}."
             raise ConfigError(f"{tpath}: no registered loss {loss_name!r}.{hint} Set 'loss:' to name one.")
         cls = LOSSES.get(loss_name)
+        if cls.needs_teacher and not teachers and "teacher" not in options:
+            raise ConfigError(
+                f"{tpath}: the loss {loss_name!r} needs a teacher, but the method has none "
+                "(teacher: null, or the method's teachers: [])"
+            )
         classes[term] = cls
         for key, tp in TERM_KEYS.items():
             if key in options:
                 check_value(join(tpath, key), options[key], tp)
+        for role, known in (("student", students), ("teacher", teachers)):
+            if options.get(role) is not None and options[role] not in known:
+                raise ConfigError(
+                    f"{tpath}.{role}: {options[role]!r} is not a {role} of the method."
+                    f"{suggest(options[role], known)} Its {role}s: {', '.join(known) or 'none'}"
+                )
         kwargs = {k: v for k, v in options.items() if k not in TERM_KEYS}
         check_kwargs(tpath, kwargs, cls, skip=INJECTED + tuple(TERM_KEYS))
         _check_taps(join(tpath, "taps"), options.get("taps"), cls)
     for i, stage in enumerate(method.stages or []):
-        _check_stage(f"{path}.stages.{i}", stage, classes)
+        _check_stage(f"{path}.stages.{i}", stage, classes, students + teachers)
 
 
 def _check_taps(path: str, taps: Any, cls: type) -> None:
@@ -195,7 +282,7 @@ def _check_taps(path: str, taps: Any, cls: type) -> None:
         )
 
 
-def _check_stage(path: str, stage: StageConfig, classes: Mapping[str, type]) -> None:
+def _check_stage(path: str, stage: StageConfig, classes: Mapping[str, type], networks: list[str]) -> None:
     if stage.epochs is not None and stage.epochs < 0:
         raise ConfigError(f"{path}.epochs: expected >= 0, got {stage.epochs}")
     terms = stage.terms if isinstance(stage.terms, Mapping) else dict.fromkeys(stage.terms or [])
@@ -209,6 +296,12 @@ def _check_stage(path: str, stage: StageConfig, classes: Mapping[str, type]) -> 
             if key not in STAGE_TERM_KEYS:
                 raise unknown_key(tpath, key, list(STAGE_TERM_KEYS))
             check_value(join(tpath, key), value, STAGE_TERM_KEYS[key])
+        network = use.get("network")
+        if network is not None and network not in networks:
+            raise ConfigError(
+                f"{tpath}.network: {network!r} is not a network of the method.{suggest(network, networks)} "
+                f"Its networks: {', '.join(networks)}"
+            )
         call = use.get("call")
         if call is not None and not callable(getattr(classes[term], call, None)):
             methods = [n for n, _ in inspect.getmembers(classes[term], callable) if not n.startswith("_")]
@@ -218,3 +311,5 @@ def _check_stage(path: str, stage: StageConfig, classes: Mapping[str, type]) -> 
     for key in ("optimizer", "schedule"):
         if getattr(stage, key) is not None:
             _check_component(join(path, key), getattr(stage, key), *COMPONENTS[key])
+    if stage.step is not None:
+        _check_component(join(path, "step"), stage.step, STEPS, ())

@@ -23,10 +23,11 @@ import yaml
 
 from relkd import configs
 from relkd.config.checks import check_suite
-from relkd.config.methods import expand_methods
+from relkd.config.methods import expand_methods, load_method
 from relkd.config.overrides import apply_overrides, deep_merge
 from relkd.config.schema import SuiteConfig, TrainConfig
 from relkd.config.validate import ConfigError, from_data
+from relkd.registry import suggest
 
 __all__ = ["load_config", "merge_train", "read_config", "resolve", "to_data"]
 
@@ -81,30 +82,164 @@ def resolve(
         data = apply_overrides(data, [override])
         data["methods"], more = expand_methods(data.get("methods"), base_dir)
         notes += [n for n in more if n not in notes]
-    for key in ("student", "teacher"):
-        if isinstance(data.get(key), str):
-            data[key] = {"model": data[key]}
+    _short_forms(data)
     train = merge_train(dataclasses.asdict(TrainConfig()), _mapping(data, "train"))
     data["train"] = train
-    teacher = data.get("teacher")
-    if isinstance(teacher, Mapping):
-        teacher = dict(teacher)
-        teacher["data"] = deep_merge(_mapping(data, "data"), _mapping(teacher, "data", "teacher."))
-        teacher["train"] = merge_train(train, _mapping(teacher, "train", "teacher."))
-        data["teacher"] = teacher
+    suite_data = _mapping(data, "data")
+    data["students"] = {
+        name: _model(spec, f"students.{name}") for name, spec in _mapping(data, "students").items()
+    }
+    declared = _mapping(data, "teachers")
+    teachers = {
+        name: _teacher(spec, f"teachers.{name}", suite_data, train, data["students"], base_dir)
+        for name, spec in declared.items()
+    }
     loss_args = _mapping(data, "loss_args")
     methods = {}
     for name, method in data["methods"].items():
         method = dict(method)
-        method["train"] = merge_train(train, _mapping(method, "train", f"methods.{name}."))
-        terms = _mapping(method, "losses", f"methods.{name}.")
+        path = f"methods.{name}"
+        method["train"] = merge_train(train, _mapping(method, "train", f"{path}."))
+        terms = _mapping(method, "losses", f"{path}.")
         method["losses"] = {
-            term: _with_loss_args(options, loss_args, term, f"methods.{name}.losses.{term}")
+            term: _with_loss_args(options, loss_args, term, f"{path}.losses.{term}")
             for term, options in terms.items()
         }
+        method["students"] = _method_students(method.get("students"), data["students"], path)
+        method["teachers"] = _method_teachers(
+            method.get("teachers"),
+            list(declared),
+            teachers,
+            suite_data,
+            train,
+            data["students"],
+            path,
+            base_dir,
+        )
         methods[name] = method
     data["methods"] = methods
+    data["teachers"] = teachers
     return data, notes
+
+
+def _short_forms(data: dict[str, Any]) -> None:
+    """``student:`` / ``teacher:`` -> ``students: {student: ...}`` / ``teachers: {teacher: ...}``."""
+    for short, long in (("student", "students"), ("teacher", "teachers")):
+        if short not in data:
+            continue
+        if long in data:
+            raise ConfigError(f"{short}: give {short} (one network) or {long} (several by name), not both")
+        value = data.pop(short)
+        data[long] = {} if value is None else {short: value}
+
+
+def _model(spec: Any, path: str) -> dict[str, Any]:
+    if isinstance(spec, str):
+        return {"model": spec}
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"{path}: expected a model name or a mapping {{model, args}}, got {spec!r}")
+    return dict(spec)
+
+
+def _teacher(
+    spec: Any,
+    path: str,
+    suite_data: Mapping[str, Any],
+    train: Mapping[str, Any],
+    students: Mapping[str, Mapping[str, Any]],
+    base_dir: Path | None,
+) -> dict[str, Any]:
+    """A teacher's complete mapping: its data and recipe merged onto the suite's, ``like`` and
+    ``method`` resolved."""
+    teacher = _model(spec, path)
+    like = teacher.get("like")
+    if like is not None:
+        if not isinstance(like, str) or like not in students:
+            raise ConfigError(
+                f"{path}.like: expected the name of a student of the suite "
+                f"({', '.join(students) or 'none'}), got {like!r}"
+            )
+        for key in ("model", "args"):
+            teacher.setdefault(key, copy.deepcopy(students[like].get(key, {} if key == "args" else "")))
+    teacher["data"] = deep_merge(suite_data, _mapping(teacher, "data", f"{path}."))
+    teacher["train"] = merge_train(train, _mapping(teacher, "train", f"{path}."))
+    method = teacher.get("method")
+    if method is not None:
+        if isinstance(method, str):
+            method = load_method(method, f"{path}.method", base_dir)
+        elif isinstance(method, Mapping):
+            method = dict(method)
+        else:
+            raise ConfigError(f"{path}.method: expected a method name or mapping, got {method!r}")
+        for key in ("students", "teachers"):
+            if method.get(key):
+                raise ConfigError(
+                    f"{path}.method.{key}: a teacher's training method has no networks of its own"
+                )
+        method["train"] = merge_train(teacher["train"], _mapping(method, "train", f"{path}.method."))
+        teacher["method"] = method
+    return teacher
+
+
+def _method_students(spec: Any, students: Mapping[str, Any], path: str) -> dict[str, Any]:
+    if spec is None:
+        return copy.deepcopy(dict(students))
+    if not isinstance(spec, Mapping) or not spec:
+        raise ConfigError(
+            f"{path}.students: expected a mapping {{name: suite student or {{model, args}}}}, got {spec!r}"
+        )
+    out = {}
+    for name, value in spec.items():
+        if isinstance(value, str):
+            if value not in students:
+                raise ConfigError(
+                    f"{path}.students.{name}: {value!r} is not a student of the suite."
+                    f"{suggest(value, students)} The suite's students: {', '.join(students) or 'none'}"
+                )
+            out[name] = copy.deepcopy(students[value])
+        else:
+            out[name] = _model(value, f"{path}.students.{name}")
+    return out
+
+
+def _method_teachers(
+    spec: Any,
+    declared: list[str],
+    teachers: dict[str, Any],
+    suite_data: Mapping[str, Any],
+    train: Mapping[str, Any],
+    students: Mapping[str, Any],
+    path: str,
+    base_dir: Path | None,
+) -> dict[str, str]:
+    """``{network name: suite teacher name}``; a teacher defined by the method joins ``teachers``."""
+    if spec is None:
+        return {name: name for name in declared}
+    if isinstance(spec, list):
+        spec = {name: name for name in spec}
+    if not isinstance(spec, Mapping):
+        raise ConfigError(
+            f"{path}.teachers: expected null, a list of teacher names or a mapping, got {spec!r}"
+        )
+    out = {}
+    for name, value in spec.items():
+        where = f"{path}.teachers.{name}"
+        if isinstance(value, str):
+            if value not in teachers:
+                raise ConfigError(
+                    f"{where}: {value!r} is not a teacher of the suite.{suggest(value, teachers)} "
+                    f"The suite's teachers: {', '.join(teachers) or 'none (teacher: null)'}"
+                )
+            out[name] = value
+            continue
+        own = _teacher(value, where, suite_data, train, students, base_dir)
+        if name in teachers and teachers[name] != own:
+            raise ConfigError(
+                f"{where}: a different teacher named {name!r} is already defined; give this one another name"
+            )
+        teachers[name] = own
+        out[name] = name
+    return out
 
 
 def merge_train(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:

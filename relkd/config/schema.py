@@ -130,6 +130,11 @@ class StageConfig:
         optimizer, schedule, warmup_epochs: this stage's, null for the recipe's.
         after: methods called when the stage ends, as paths (``loss.mhgd.freeze_heads``); what
             they change must live in the module's ``state_dict`` so that resuming restores it.
+        step: this stage's step ``{name, **options}``; null takes the method's.
+
+    ``trainable`` and ``frozen`` paths may also name a network's modules up to a tap,
+    ``student.until(stage2)``, or between two taps, ``student.between(stage1, stage2)``; an empty
+    ``trainable: []`` trains nothing (a pass that only gathers statistics).
     """
 
     name: str = "train"
@@ -142,11 +147,12 @@ class StageConfig:
     schedule: dict[str, Any] | None = None
     warmup_epochs: int | None = None
     after: list[str] = field(default_factory=list)
+    step: dict[str, Any] | None = None
 
 
 @dataclass
 class MethodConfig:
-    """One distillation method: its loss terms, its recipe, and optionally several stages.
+    """One distillation method: its networks, its loss terms, its step, its recipe and stages.
 
     Attributes:
         losses: ``{term: {loss, weight, taps, student, teacher, **loss options}}``. ``loss`` is the
@@ -154,12 +160,31 @@ class MethodConfig:
             overrides the features it reads (a list for both networks or ``{student: [...],
             teacher: [...]}``), ``student``/``teacher`` name the networks (default: the only ones).
             Other keys go to the loss's constructor.
+        step: the registered step that makes one training update, ``{name, **options}``
+            (``weighted_sum``: cross-entropy plus the weighted terms); ``relkd list steps``.
+        students: the method's trainable networks, ``{name: suite student name or {model, args}}``;
+            null takes the suite's students as they are. Peers: ``{peer1: student, peer2: student}``.
+        teachers: the method's frozen networks: null is every teacher the suite declares, a list
+            names some of them, a mapping ``{name: suite teacher name or a teacher config}`` defines
+            the method's own (``{self: {like: student}}``: the student's architecture trained first).
+        deploy: the students that are the method's result (tested, tabled); null lets the step
+            choose (every student by default).
+        evaluate: evaluators run once on each deployed network at the end, ``{name: {options}}``
+            (``relkd list evaluators``); their numbers are extra columns of the results table.
         stages: the stages in order; null is one stage with every term.
         train: the recipe (the suite's ``train`` with this method's changes merged in).
         description: one line shown by ``relkd list``.
+
+    After loading, ``students`` maps every name to a :class:`ModelConfig` and ``teachers`` every name
+    to the name of a teacher in the suite's ``teachers``.
     """
 
     losses: dict[str, dict[str, Any]] = field(default_factory=dict)
+    step: dict[str, Any] = field(default_factory=lambda: {"name": "weighted_sum"})
+    students: dict[str, ModelConfig] | None = None
+    teachers: dict[str, Any] | list[str] | None = None
+    deploy: list[str] | None = None
+    evaluate: dict[str, dict[str, Any]] = field(default_factory=dict)
     stages: list[StageConfig] | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
     description: str = ""
@@ -175,32 +200,53 @@ class ModelConfig:
 
 
 @dataclass
-class TeacherConfig(ModelConfig):
-    """The teacher: trained first with ``train`` on ``data`` (both the suite's, with the keys given
-    here merged in), or loaded from ``checkpoint`` (a relkd ``final.pt`` or a plain state dict)."""
+class TeacherConfig:
+    """A teacher: trained first (on ``data`` with ``train``: the suite's, with the keys given here
+    merged in; by the method ``method``, plain cross-entropy when null), or loaded from
+    ``checkpoint`` (a relkd ``final.pt`` or a file holding a state dict).
 
+    Attributes:
+        model, args: the network, as in :class:`ModelConfig`.
+        like: take ``model`` and ``args`` from the suite's student of this name (a self-teacher).
+        checkpoint: load the weights instead of training.
+        seed: the seed of its training run.
+        method: how it is trained: a method name or mapping (e.g. a robust or a margin classifier);
+            null is cross-entropy alone.
+        data, train: its data and recipe.
+    """
+
+    model: str = ""
+    args: dict[str, Any] = field(default_factory=dict)
+    like: str | None = None
     checkpoint: str | None = None
     seed: int = 0
+    method: MethodConfig | None = None
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
 @dataclass
 class SuiteConfig:
-    """A whole experiment: one teacher, several methods, several seeds.
+    """A whole experiment: its networks, several methods, several seeds.
 
     Attributes:
         name: experiment name; the run directory defaults to ``runs/<name>``.
         out: run directory (null: ``runs/<name>``).
+        imports: Python modules imported before anything else is read, so that the models, losses,
+            datasets, steps and evaluators they register can be named here (also ``--import``).
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1`` ...
         amp: ``bf16`` or ``fp16`` autocast on CUDA; null (or on CPU) trains in float32.
         seeds: one student run per seed and method.
         data: the students' data (the teacher's unless ``teacher.data`` changes it).
-        teacher: the teacher; null runs the methods without one (CE-only methods).
-        student: the student network.
+        students: the trainable networks by name; ``student: {model, args}`` is the short form of
+            ``students: {student: {model, args}}``.
+        teachers: the teachers by name; ``teacher:`` is the short form of ``teachers: {teacher:
+            ...}``, ``teacher: null`` runs the methods without one (CE-only methods). Only the
+            teachers some method uses are trained.
         train: the recipe every method starts from.
         methods: ``{method: MethodConfig}``; ``relkd.config.load`` also accepts ``all``, a list of
             built-in method names, and names or YAML paths as values.
+        evaluate: evaluators run on every method's deployed networks (added to each method's own).
         loss_args: options per registered loss for this experiment, set on every term of that loss
             over the method's own (e.g. a smaller ``num_negatives`` on a small dataset).
         log_agreement: log student-teacher agreement (kNN overlap, CKA, distance rank correlation)
@@ -211,18 +257,32 @@ class SuiteConfig:
             models train fastest on one thread, and a shared machine needs it.
     """
 
-    student: ModelConfig
+    students: dict[str, ModelConfig]
     name: str = "experiment"
     out: str | None = None
+    imports: list[str] = field(default_factory=list)
     device: str = "auto"
     amp: str | None = None
     seeds: list[int] = field(default_factory=lambda: [0])
     data: DataConfig = field(default_factory=DataConfig)
-    teacher: TeacherConfig | None = None
+    teachers: dict[str, TeacherConfig] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
     methods: dict[str, MethodConfig] = field(default_factory=lambda: {"baseline": MethodConfig()})
+    evaluate: dict[str, dict[str, Any]] = field(default_factory=dict)
     loss_args: dict[str, dict[str, Any]] = field(default_factory=dict)
     log_agreement: bool = True
     probe_size: int = 256
     tensorboard: bool = True
     threads: int | None = None
+
+    @property
+    def student(self) -> ModelConfig:
+        """The suite's student when it has one (``student:`` in the config)."""
+        if len(self.students) != 1:
+            raise AttributeError(f"the suite has {len(self.students)} students: use config.students")
+        return next(iter(self.students.values()))
+
+    @property
+    def teacher(self) -> TeacherConfig | None:
+        """The suite's teacher named ``teacher``, None when it has none."""
+        return self.teachers.get("teacher")

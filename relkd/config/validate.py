@@ -64,6 +64,8 @@ def check_value(path: str, value: Any, tp: Any) -> Any:
         return value
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
         errors = []
         for option in args:
             try:

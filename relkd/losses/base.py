@@ -27,11 +27,20 @@ class DistillLoss(nn.Module):
         accepts_graphs: the loss reads its inputs only through ``RelationGraph`` relations, so a trainer
             may pass one graph per network and tap, shared by every such loss of the step: each side's
             Gram matrix is then computed once however many relational losses read it.
+        needs_teacher: the loss compares a student with a teacher; a loss that reads the student
+            alone (a label-derived target, a classifier head) sets it to False and ``distill``
+            receives ``teacher=None``.
     """
 
     taps: ClassVar[tuple[str, ...]] = ("penultimate",)
     batch_keys: ClassVar[tuple[str, ...]] = ()
     accepts_graphs: ClassVar[bool] = False
+    needs_teacher: ClassVar[bool] = True
+
+    def on_step(self, context: Any) -> None:
+        """Called by the engine before the loss is used in a training step, with the step's
+        :class:`relkd.methods.StepContext` (epoch, step, stage ...): the place for epoch-aware
+        weights or warm-ups. The default does nothing; in one's own loop it is never called."""
 
     def distill(
         self,
@@ -39,8 +48,13 @@ class DistillLoss(nn.Module):
         teacher: Mapping[str, Any],
         batch: Mapping[str, Any] | None = None,
     ) -> torch.Tensor:
-        """Call the loss on the tapped features: one tap -> ``self(s, t)``; several -> lists."""
+        """Call the loss on the tapped features: one tap -> ``self(s, t)``; several -> lists.
+        A loss without a teacher (``needs_teacher = False``) is called on the student's alone."""
         taps = tuple(self.taps)
+        if teacher is None:
+            if len(taps) == 1:
+                return self(student[taps[0]])
+            return self([student[k] for k in taps])
         if len(taps) == 1:
             return self(student[taps[0]], teacher[taps[0]])
         return self([student[k] for k in taps], [teacher[k] for k in taps])

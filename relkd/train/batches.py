@@ -1,4 +1,4 @@
-"""The training batches of each step, and the transform applied to them before any network runs.
+"""The training batches of each step.
 
 Data-efficient setting: with a labelled subset and an unlabelled transfer set, an epoch is one pass
 over the transfer set. Each step takes the next labelled batch (the labelled loader is cycled, a fresh
@@ -9,42 +9,23 @@ same labelled batches, so every method of a suite gets the same labelled data an
 a transfer set an epoch is one pass over the labelled set.
 
 Every epoch's batches are a function of ``(seed, epoch)`` only (:mod:`relkd.data.loaders`), so a
-resumed run sees the batches an uninterrupted one would.
-
-A batch transform (``train.batch_transform``) maps a batch dict to a batch dict once per step, before
-the teachers and students see it, so they always get the identical input: the seam for mixup or
-adversarial inputs. Register one with ``@BATCH_TRANSFORMS.register("name")`` on a factory taking the
-config's options and returning ``transform(batch) -> batch``; its randomness must come from the global
-torch RNG (checkpointed) to keep resumed runs exact.
+resumed run sees the batches an uninterrupted one would. What a step makes of a batch before its
+networks see it (mixup, rotations ...) is a batch transform (:mod:`relkd.methods.transforms`).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from relkd.registry import Registry
-
-__all__ = ["BATCH_TRANSFORMS", "Batch", "TrainBatches", "build_transform", "concat"]
+__all__ = ["Batch", "TrainBatches", "concat"]
 
 Batch = dict[str, Tensor]
-BATCH_TRANSFORMS = Registry("batch transform")
-
-
-@BATCH_TRANSFORMS.register("identity")
-def identity() -> Callable[[Batch], Batch]:
-    """The batch as it comes from the loader."""
-    return lambda batch: batch
-
-
-def build_transform(spec: Mapping[str, Any]) -> Callable[[Batch], Batch]:
-    """The transform ``{name, **options}`` from :data:`BATCH_TRANSFORMS`."""
-    return BATCH_TRANSFORMS.build(spec["name"], **{k: v for k, v in spec.items() if k != "name"})
 
 
 def concat(first: Batch, second: Batch) -> Batch:

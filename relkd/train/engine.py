@@ -1,33 +1,39 @@
-"""The engine: train students (and the loss modules' parameters) through stages, teachers frozen.
+"""The engine: train a method's networks through its stages, one registered step per batch.
 
-The training loss of a step is ``ce_weight * CE + sum_i weight_i * term_i`` over the stage's terms, each
-term built from the loss registry; the engine never names a method. Everything trainable lives in one
-module tree (``engine.root``): the students and teachers by name and the losses under ``loss``, which
-is what stage paths (``trainable``, ``frozen``, ``after``) refer to.
+A run has named networks: students (trained) and teachers (frozen, in eval mode throughout). Each
+stage names a step (:mod:`relkd.methods`; the default, ``weighted_sum``, is ``ce_weight * CE + sum_i
+weight_i * term_i`` over the stage's loss terms) that receives a :class:`relkd.methods.StepContext` and
+returns the logits its training accuracy is read from and its named losses. The engine never names a
+method. Everything trainable lives in one module tree (``engine.root``): the networks by name, the loss
+modules under ``loss`` and each stage's step under ``steps.<stage index>``, which is what stage paths
+(``trainable``, ``frozen``, ``after``) refer to.
 
-Every epoch ends with a test evaluation, a metrics row and a checkpoint (``checkpoint.pt``) holding all
-that is needed to continue: students, loss modules (their buffers too, e.g. memory banks), optimiser,
-schedule, gradient scaler, RNG states, epoch and stage. ``fit(resume=True)`` continues from it; on the
-CPU the resumed run ends with the same weights, bit for bit, as an uninterrupted one. A non-finite term
-stops the run with :class:`NonFiniteLossError` naming the term and the step, and leaves the last
-checkpoint (the last good epoch) as it was.
+Without ``manual`` steps the engine sums the step's losses, backpropagates once (with the KD-SVD/MHGD
+authors' clip-to-CE rule where the recipe asks for it), clips and steps the optimiser; a ``manual``
+step calls :meth:`relkd.methods.StepContext.update` itself, as often as it needs.
 
-Under ``torchrun`` (a process group of ``W > 1`` ranks, see :mod:`relkd.train.parallel`) every rank
-runs the same engine on its shard of each batch, following :mod:`relkd.distributed`: in a stage with a
-cross-entropy term and without ``clip_to_ce`` the students are wrapped in ``DistributedDataParallel``
-(for that stage only, after its freezing, so DDP knows which parameters train); every other gradient,
-the loss modules' and the students' in other stages, is averaged over ranks after the backward with
-:func:`relkd.distributed.average_gradients`. With ``clip_to_ce`` the cross-entropy and distillation
-gradients are averaged separately before the rule compares them. The relational losses gather their
-inputs over ranks, so every rank computes the loss of the global batch, and the averaged gradient is
-the single-process gradient on the concatenated batch. Test accuracy is counted on shards of the test
-set and summed; the epoch's loss means are averaged over ranks. Rank 0 alone writes metrics,
-checkpoints and results and shows progress; every rank resumes from the same checkpoint.
+Every epoch ends with a test evaluation of each deployed network (the method says which it deploys:
+by default every student), a metrics row, one INFO line on the ``relkd`` logger and a checkpoint
+(``checkpoint.pt``) holding all that is needed to continue: networks, loss and step modules (their
+buffers too, e.g. memory banks), optimiser, schedule, gradient scaler, RNG states, epoch and stage.
+``fit(resume=True)`` continues from it; on the CPU the resumed run ends with the same weights, bit for
+bit, as an uninterrupted one. A non-finite loss stops the run with :class:`NonFiniteLossError` naming
+the loss and the step, and leaves the last checkpoint (the last good epoch) as it was. At the end the
+run's evaluators (robust accuracy, retrieval ...) measure each deployed network once.
+
+Under ``torchrun`` (a process group of ``W > 1`` ranks, see :mod:`relkd.train.parallel`) every rank runs
+the same engine on its shard of each batch, following :mod:`relkd.distributed`: where the step allows it
+(``ddp_wrap``: the default step in a stage with a cross-entropy and without ``clip_to_ce``) the students
+are wrapped in ``DistributedDataParallel`` for that stage; every other gradient is averaged over ranks
+after the backward with :func:`relkd.distributed.average_gradients`. With ``clip_to_ce`` the
+cross-entropy and distillation gradients are averaged separately before the rule compares them. Test
+accuracy is counted on shards of the test set and summed; the epoch's loss means are averaged over
+ranks. Rank 0 alone writes metrics, checkpoints and results and shows progress.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import math
 import sys
 import time
@@ -43,40 +49,59 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from relkd import distributed as D
+from relkd.evaluation import EvalContext
+from relkd.methods import (
+    STEPS,
+    LossTerm,
+    Step,
+    StepContext,
+    StepOutput,
+    TermSpec,
+    build_step,
+    build_term,
+    build_transform,
+    sigmoid,
+    tap_names,
+)
 from relkd.models import FeatureTaps, default_taps, resolve_taps
-from relkd.train.batches import TrainBatches, build_transform
+from relkd.optim import build_optimizer, build_schedule
+from relkd.train.backward import backward, clips_to_ce
+from relkd.train.batches import TrainBatches
 from relkd.train.checkpoint import load_checkpoint, load_state, save_checkpoint
 from relkd.train.evaluate import agreement_metrics, evaluate
+from relkd.train.files import RunFiles
 from relkd.train.metrics import MetricsLog
-from relkd.train.optim import build_optimizer, build_schedule
 from relkd.train.seeding import rng_state, set_rng_state
-from relkd.train.stages import Stage, find_method, find_module, stage_parameters
-from relkd.train.step import backward, clips_to_ce, forward, needed_networks, term_values
+from relkd.train.stages import Stage, find_method, resolve_paths, stage_parameters
 from relkd.train.tally import EpochTally, NonFiniteLossError
-from relkd.train.terms import LossTerm, TermSpec, build_term, tap_names
 
 __all__ = ["FORMAT", "Engine", "NonFiniteLossError"]
 
-FORMAT = "relkd-1"
-LOSS = "loss"
+log = logging.getLogger("relkd")
+
+FORMAT = "relkd-2"
+LOSS, STEP_MODULES = "loss", "steps"
+RESERVED = (LOSS, STEP_MODULES)
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 CHECKPOINT_KEYS = (
-    "format", "config_hash", "epoch", "stage", "students", "losses", "optimizer", "scheduler", "scaler",
-    "rng", "best", "wall_time_s",
+    "format", "config_hash", "epoch", "stage", "students", "losses", "steps", "optimizer", "scheduler",
+    "scaler", "rng", "best", "wall_time_s",
 )  # fmt: skip
+NO_BEST = {"acc1": -1.0, "acc5": 0.0, "epoch": 0}
 
 
 @dataclass
 class _Active:
-    """The running stage: its index, optimiser, schedule and what it runs."""
+    """The running stage: its index, optimiser, schedule, step and what it runs."""
 
     index: int
     stage: Stage
-    optimizer: torch.optim.Optimizer
+    start: int
+    optimizer: torch.optim.Optimizer | None
     scheduler: Any
-    transform: Callable[[dict[str, Tensor]], dict[str, Tensor]]
-    teachers: list[str]
-    students: list[str]
+    params: list[nn.Parameter]
+    transform: Callable[[dict[str, Tensor], Any], dict[str, Tensor]]
+    step: Step
     frozen: list[nn.Module]
     grad_flags: dict[int, bool]
     networks: dict[str, nn.Module]
@@ -84,20 +109,27 @@ class _Active:
 
 
 class Engine:
-    """Train ``students`` through ``stages`` with frozen ``teachers``.
+    """Train ``students`` through ``stages``, with frozen ``teachers``.
 
     Args:
         students: trainable networks by name (usually ``{"student": net}``; a teacher is trained as
             the only student of its own run).
-        stages: the run's stages, in order.
+        stages: the run's stages, in order (:func:`relkd.train.build_stages`).
         batches: the training batches of each epoch.
         test_loader: evaluation batches (``{"input", "target"}``).
         run_dir: where checkpoints and metrics go.
         teachers: frozen networks by name (usually ``{"teacher": net}``), in eval mode throughout.
         terms: the method's term specs; the engine builds their losses, filling in sizes measured on
             ``probe``.
+        deploy: the networks that are the method's result (tested each epoch, in result.json and the
+            tables); default the step's choice, else every student.
+        evaluators: called once at the end on each deployed network with an
+            :class:`relkd.evaluation.EvalContext`, returning ``{metric: value}``.
+        eval_loaders: evaluation data by split for the evaluators (``test`` is ``test_loader``
+            unless given; ``train``: the training images without augmentation).
         num_data, targets: size and labels of the full training set (for losses that ask).
-        probe: a fixed batch of test inputs: sizes the losses and measures agreement each epoch.
+        num_classes: number of classes (for steps that ask).
+        probe: a fixed batch of test inputs: sizes the losses and steps and measures agreement.
         device: where everything runs.
         amp: ``"bf16"`` or ``"fp16"`` autocast on CUDA (ignored elsewhere, with a warning).
         log_agreement: log student-teacher agreement of the penultimate embeddings each epoch.
@@ -105,7 +137,7 @@ class Engine:
         tensorboard: also log to TensorBoard when it is installed.
         config_hash: stored in checkpoints; resuming from another config's checkpoint is an error.
         info: extra fields for ``result.json`` (method, seed ...).
-        label: the progress bar's name (default: the run directory's).
+        label: the name in progress bars and log lines (default: the run directory's).
     """
 
     def __init__(
@@ -114,12 +146,16 @@ class Engine:
         stages: Sequence[Stage],
         batches: TrainBatches,
         test_loader: Any,
-        run_dir: str | Path,
+        run_dir: str | Path | RunFiles,
         *,
         teachers: Mapping[str, nn.Module] | None = None,
         terms: Mapping[str, TermSpec] | None = None,
+        deploy: Sequence[str] | None = None,
+        evaluators: Mapping[str, Callable[[EvalContext], Mapping[str, float]]] | None = None,
+        eval_loaders: Mapping[str, Any] | None = None,
         num_data: int = 0,
         targets: Tensor | None = None,
+        num_classes: int | None = None,
         probe: Tensor,
         device: torch.device | str = "cpu",
         amp: str | None = None,
@@ -134,40 +170,83 @@ class Engine:
         terms = dict(terms or {})
         if not students:
             raise ValueError("the engine needs at least one student network to train")
-        clash = (set(students) & set(teachers)) | ({LOSS} & (set(students) | set(teachers)))
+        names = [*students, *teachers]
+        clash = {n for n in names if names.count(n) > 1} | (set(RESERVED) & set(names))
         if clash:
-            raise ValueError(f"network names must be distinct and not {LOSS!r}, got {sorted(clash)} twice")
+            raise ValueError(
+                f"network names must be distinct and not {' or '.join(map(repr, RESERVED))}, got "
+                f"{sorted(clash)}"
+            )
         self.device = torch.device(device)
         self.students, self.teachers = list(students), list(teachers)
         self.stages, self.batches, self.test_loader = list(stages), batches, test_loader
-        self.run_dir = Path(run_dir)
+        if not self.stages:
+            raise ValueError("the engine needs at least one stage")
+        self.starts = [sum(s.epochs for s in self.stages[:i]) for i in range(len(self.stages) + 1)]
+        self.files = run_dir if isinstance(run_dir, RunFiles) else RunFiles(Path(run_dir))
         self.config_hash, self.info, self.quiet = config_hash, dict(info or {}), quiet
-        self.label = label or self.run_dir.name
+        self.label = label or self.files.path.name
         self.tensorboard = tensorboard
-        self.root = nn.ModuleDict({**students, **teachers, LOSS: nn.ModuleDict()}).to(self.device)
+        self.evaluators = dict(evaluators or {})
+        self.eval_loaders = {"test": test_loader, **dict(eval_loaders or {})}
+        self.root = nn.ModuleDict(
+            {**students, **teachers, LOSS: nn.ModuleDict(), STEP_MODULES: nn.ModuleList()}
+        ).to(self.device)
         for name in teachers:
             self.root[name].eval().requires_grad_(False)
         self._check_uses(terms)
         self._autocast, self.scaler = self._amp(amp)
+        step_classes = [STEPS.get(stage.step["name"]) for stage in self.stages]
+        self.deploy = self._deployed(deploy, step_classes[-1])
         taps = tap_names(terms, self.stages, self.students, self.teachers)
-        pair = (self.students[0], self.teachers[0]) if self.teachers else ()
+        for cls in step_classes:
+            for name in taps:
+                taps[name] = list(dict.fromkeys([*taps[name], *(t for t in cls.taps if t != "logits")]))
+        pair = (self.deploy[0], self.teachers[0]) if self.teachers else ()
         # Agreement compares the penultimate embeddings; a network without that tap simply has none.
-        agreement = log_agreement and all("penultimate" in default_taps(self.root[n]) for n in pair)
+        agreement = (
+            bool(pair) and log_agreement and all("penultimate" in default_taps(self.root[n]) for n in pair)
+        )
         for name in pair if agreement else ():
             taps[name] = list(dict.fromkeys([*taps[name], "penultimate"]))
         self.taps = {
             name: FeatureTaps(self.root[name], self._resolve(name, names)) for name, names in taps.items()
         }
+        self.probe = probe
         features = self._probe_features(probe)
         self.terms: dict[str, LossTerm] = {}
         for name, spec in terms.items():
+            t_features = None if spec.teacher is None else features[spec.teacher]
             self.terms[name] = build_term(
-                spec, features[spec.student], features[spec.teacher], num_data, _targets(targets, num_data)
+                spec, features[spec.student], t_features, num_data, _targets(targets, num_data)
             )
             self.root[LOSS][name] = self.terms[name].module.to(self.device)
-        self.probe = probe if agreement and _agreement_available() else None
+        for index, (stage, cls) in enumerate(zip(self.stages, step_classes, strict=True)):
+            step = build_step(
+                stage.step,
+                students=self.students,
+                teachers=self.teachers,
+                features=features,
+                num_classes=num_classes,
+                terms=terms,
+                stage=stage.info(index, self.starts[index]),
+            )
+            if not isinstance(step, cls):
+                raise TypeError(f"step {stage.step['name']!r} built a {type(step).__name__}, not a Step")
+            self.root[STEP_MODULES].append(step.to(self.device))
+        self.agreement = agreement and _agreement_available()
 
     # --- setup -------------------------------------------------------------------------------------
+
+    def _deployed(self, deploy: Sequence[str] | None, step: type[Step]) -> list[str]:
+        chosen = list(deploy) if deploy else list(step.deploy or self.students)
+        unknown = [n for n in chosen if n not in self.students]
+        if unknown:
+            raise KeyError(
+                f"deploy: {unknown[0]!r} is not a student of this run; the students are "
+                f"{', '.join(self.students)}"
+            )
+        return chosen
 
     def _check_uses(self, terms: Mapping[str, TermSpec]) -> None:
         networks = set(self.students) | set(self.teachers)
@@ -203,14 +282,19 @@ class Engine:
         except KeyError as e:
             raise KeyError(f"{network}: {e.args[0]}") from None
 
+    def _tap_spec(self, network: str, name: str) -> str:
+        return self._resolve(network, [name])[name]
+
     def _probe_features(self, probe: Tensor) -> dict[str, dict[str, Any]]:
         modes = {n: self.root[n].training for n in self.students + self.teachers}
+        features: dict[str, dict[str, Any]] = {}
         for n in modes:
             self.root[n].eval()
-        with self._autocast():
-            features = forward(self.root, self.taps, probe, self.teachers, [])
-            with torch.no_grad():
-                features.update(forward(self.root, self.taps, probe, [], self.students))
+        with self._autocast(), torch.no_grad():
+            for name in self.teachers + self.students:
+                logits = self.root[name](probe)
+                taps = self.taps.get(name)
+                features[name] = {**(taps.features if taps is not None else {}), "logits": logits}
         for n, mode in modes.items():
             self.root[n].train(mode)
         return features
@@ -219,31 +303,36 @@ class Engine:
 
     def _begin(self, index: int, state: Mapping[str, Any] | None) -> _Active:
         stage = self.stages[index]
-        frozen = [find_module(self.root, p, f"stage {stage.name!r} frozen") for p in stage.frozen]
+        where = f"stage {stage.name!r} frozen"
+        frozen = resolve_paths(self.root, stage.frozen, where, self.probe, self._tap_spec)
         grad_flags = {id(p): p.requires_grad for p in self.root.parameters()}
         for module in frozen:
             module.requires_grad_(False)
-        params = stage_parameters(self.root, stage, [*self.students, LOSS])
-        optimizer = build_optimizer(params, stage.optimizer)
-        scheduler = build_schedule(optimizer, stage.schedule, stage.epochs, stage.warmup_epochs)
-        if state is not None:
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-        teachers, students = needed_networks(stage, self.terms, self.students, self.teachers)
+        params = stage_parameters(
+            self.root, stage, [*self.students, LOSS, STEP_MODULES], self.probe, self._tap_spec
+        )
+        optimizer = scheduler = None
+        if params or stage.trainable != []:
+            optimizer = build_optimizer(params, stage.optimizer)
+            scheduler = build_schedule(optimizer, stage.schedule, stage.epochs, stage.warmup_epochs)
+            if state is not None:
+                optimizer.load_state_dict(state["optimizer"])
+                scheduler.load_state_dict(state["scheduler"])
+        step = self.root[STEP_MODULES][index]
         transform = build_transform(stage.batch_transform)
-        networks, synced = self._wrap(stage)
+        networks, synced = self._wrap(stage, step)
         return _Active(
-            index, stage, optimizer, scheduler, transform, teachers, students, frozen, grad_flags, networks,
-            synced,
+            index, stage, self.starts[index], optimizer, scheduler, params, transform, step, frozen,
+            grad_flags, networks, synced,
         )  # fmt: skip
 
-    def _wrap(self, stage: Stage) -> tuple[dict[str, nn.Module], set[int]]:
+    def _wrap(self, stage: Stage, step: Step) -> tuple[dict[str, nn.Module], set[int]]:
         """The networks the steps call, students in DDP where it applies, and the ids of the
         parameters DDP averages (the engine averages the rest itself)."""
         networks: dict[str, nn.Module] = {n: self.root[n] for n in self.students + self.teachers}
         # DDP waits for a gradient of every parameter that reaches its output; only the cross-entropy
         # guarantees one, and clip_to_ce's autograd.grad bypasses DDP's hooks altogether.
-        if not (D.is_distributed() and stage.ce_weight and not stage.clip_to_ce):
+        if not (D.is_distributed() and step.ddp_wrap and stage.ce_weight and not stage.clip_to_ce):
             return networks, set()
         synced = set()
         ids = [self.device.index] if self.device.type == "cuda" else None
@@ -267,6 +356,7 @@ class Engine:
         for name in self.students:
             self.root[name].train()
         self.root[LOSS].train()
+        self.root[STEP_MODULES].train()
         for module in active.frozen:
             module.eval()
 
@@ -281,65 +371,64 @@ class Engine:
             resume: continue from ``run_dir/checkpoint.pt`` if it exists (else start afresh).
 
         Raises:
-            NonFiniteLossError: a term was NaN or infinite.
+            NonFiniteLossError: a loss was NaN or infinite.
             CheckpointError: the checkpoint cannot be read or does not fit this run.
         """
         main = D.is_main_process()
-        log = MetricsLog(self.run_dir, self.tensorboard, enabled=main)
-        path = self.run_dir / "checkpoint.pt"
-        done, best, wall, state = 0, {"acc1": -1.0, "acc5": 0.0, "epoch": 0}, 0.0, None
+        metrics_log = MetricsLog(self.files, self.tensorboard, enabled=main)
+        path = self.files.checkpoint
+        done, wall, state = 0, 0.0, None
+        best = {n: dict(NO_BEST) for n in self.deploy}
         if resume and path.is_file():
             state = self._restore(path)
-            done, best, wall = state["epoch"], dict(state["best"]), state["wall_time_s"]
-            log.resume(done)
+            done, best, wall = (
+                state["epoch"],
+                {n: dict(b) for n, b in state["best"].items()},
+                state["wall_time_s"],
+            )
+            metrics_log.resume(done)
         else:
-            log.start()
-        starts = [sum(s.epochs for s in self.stages[:i]) for i in range(len(self.stages) + 1)]
-        last: tuple[float, float] | None = None
+            metrics_log.start()
+        total = self.starts[-1]
+        last: dict[str, tuple[float, float]] = {}
         active = None
         try:
-            for epoch in range(done, starts[-1]):
-                index = max(i for i in range(len(self.stages)) if starts[i] <= epoch)
+            for epoch in range(done, total):
+                index = max(i for i in range(len(self.stages)) if self.starts[i] <= epoch)
                 if active is None:
-                    same = state is not None and state["stage"] == index and epoch > starts[index]
+                    same = state is not None and state["stage"] == index and epoch > self.starts[index]
                     active = self._begin(index, state if same else None)
                 t0 = time.perf_counter()
-                row = self._train_epoch(epoch, starts[-1], active, path)
-                active.scheduler.step()
-                last = evaluate(self.root[self.students[0]], self.test_loader, self._autocast)
-                row.update(self._evaluate_rest(last))
-                if last[0] > best["acc1"]:
-                    best = {"acc1": last[0], "acc5": last[1], "epoch": epoch + 1}
-                row.update(best_acc1=best["acc1"], best_epoch=best["epoch"])
-                stage_done = epoch + 1 == starts[index + 1]
+                row = self._train_epoch(epoch, total, active, path)
+                if active.scheduler is not None:
+                    active.scheduler.step()
+                last = self._evaluate(row, best, epoch)
+                stage_done = epoch + 1 == self.starts[index + 1]
                 if stage_done:
                     self._end(active)
                 row["epoch_time_s"] = time.perf_counter() - t0
                 wall += row["epoch_time_s"]
-                log.log(row)
-                # After a stage's last epoch the next stage starts with a fresh optimiser: none is kept.
+                metrics_log.log(row)
                 if main:
+                    self._log_epoch(row, total)
+                    # After a stage's last epoch the next stage starts with a fresh optimiser.
                     self._save(path, epoch + 1, best, wall, row, None if stage_done else active)
                 if stage_done:
                     active = None
-            result = self._finish(best, last, wall, starts[-1])
+            result = self._finish(best, last, wall, total)
             D.barrier()  # the files are written before any rank reads them
             return result
         finally:
             if active is not None:
                 active.networks.clear()
-            log.close()
+            metrics_log.close()
             for taps in self.taps.values():
                 taps.remove()
 
     def _train_epoch(self, epoch: int, total_epochs: int, active: _Active, path: Path) -> dict[str, Any]:
         stage = active.stage
         self._set_modes(active)
-        weights = ({"ce": stage.ce_weight} if stage.ce_weight else {}) | {
-            u.term: u.weight for u in stage.uses
-        }
-        keys = list(weights)
-        tally = EpochTally(keys, self.device)
+        tally: EpochTally | None = None
         steps = len(self.batches)
         check_every = 1 if self.device.type == "cpu" else 25
         bar = tqdm(
@@ -348,18 +437,38 @@ class Engine:
             disable=self.quiet or not sys.stderr.isatty() or not D.is_main_process(),
             leave=False,
         )
-        lr = active.optimizer.param_groups[0]["lr"]
-        ramp = 1.0
-        if stage.clip_to_ce_ramp == "sigmoid":
-            stage_epoch = epoch - sum(s.epochs for s in self.stages[: active.index])
-            ramp = 1.0 / (1.0 + math.exp(-stage_epoch))
+        lr = active.optimizer.param_groups[0]["lr"] if active.optimizer is not None else 0.0
+        ramp = sigmoid(epoch - active.start) if stage.clip_to_ce_ramp == "sigmoid" else 1.0
+        info = stage.info(active.index, active.start)
         step = 0
         try:
-            for step, batch in enumerate(self.batches.epoch(epoch, with_transfer=bool(stage.uses)), 1):
-                values, total, logits = self._step(active.transform(batch), active, weights, ramp)
-                tally.add(values, total, epoch * steps + step)
-                if logits is not None:
-                    tally.add_accuracy(logits, batch["target"])
+            distill = bool(stage.uses) or not isinstance(active.step, _default_step())
+            for step, batch in enumerate(self.batches.epoch(epoch, with_transfer=distill), 1):
+                ctx = StepContext(
+                    batch=batch,
+                    epoch=epoch,
+                    step=step - 1,
+                    steps_per_epoch=steps,
+                    stage=info,
+                    networks=active.networks,
+                    students=self.students,
+                    teachers=self.teachers,
+                    terms=self.terms,
+                    taps=self.taps,
+                    update=(lambda loss, a=active: self._update(a, {"loss": loss}))
+                    if active.step.manual
+                    else None,
+                )
+                ctx.batch = active.transform(batch, ctx)
+                out, total = self._step(ctx, active, ramp)
+                if tally is None:
+                    tally = EpochTally([*out.losses, *(f"raw/{k}" for k in out.metrics)], self.device)
+                values = [*out.losses.values(), *out.metrics.values()]
+                tally.add(
+                    torch.stack([v.detach().float().reshape(()) for v in values]), total, epoch * steps + step
+                )
+                if out.logits is not None:
+                    tally.add_accuracy(out.logits.detach(), ctx.batch["target"])
                 if step % check_every == 0:
                     tally.check(epoch, steps, stage.name, path)
                 bar.update()
@@ -369,57 +478,82 @@ class Engine:
             raise
         except Exception:
             # An error after a NaN (e.g. an SVD of NaN features) is reported as the NaN that caused it.
-            tally.check(epoch, steps, stage.name, path)
+            if tally is not None:
+                tally.check(epoch, steps, stage.name, path)
             raise
         finally:
             bar.close()
+        if tally is None:
+            raise ValueError("an epoch without a training batch: check data.batch_size and the data set")
         tally.check(epoch, steps, stage.name, path)
         tally.reduce()
         means = (tally.sums / max(step, 1)).tolist()
-        row = {"epoch": epoch + 1, "stage": stage.name, "lr": lr, "train_loss": means[-1]}
-        row.update({f"loss/{k}": v for k, v in zip(keys, means, strict=False)})
+        row: dict[str, Any] = {"epoch": epoch + 1, "stage": stage.name, "lr": lr, "train_loss": means[-1]}
+        row.update(
+            {(k if k.startswith("raw/") else f"loss/{k}"): v for k, v in zip(tally.keys, means, strict=False)}
+        )
         if float(tally.labelled) > 0:
             row["train_acc1"] = tally.accuracy()
         return row
 
-    def _step(
-        self, batch: dict[str, Tensor], active: _Active, weights: dict[str, float], ramp: float = 1.0
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """One optimiser step; returns the detached term values, the total and the first student's logits."""
-        stage = active.stage
+    def _step(self, ctx: StepContext, active: _Active, ramp: float) -> tuple[StepOutput, Tensor]:
+        """One step: the method's forward, then (unless it updates itself) one optimiser update."""
         with self._autocast():
-            features = forward(active.networks, self.taps, batch["input"], active.teachers, active.students)
-            values = term_values(stage, self.terms, features, batch, active.students, self.teachers)
-        params = [p for g in active.optimizer.param_groups for p in g["params"]]
-        if not any(values[k].requires_grad for k in weights):
-            raise ValueError(
-                f"stage {stage.name!r}: the loss has no gradient (terms: {list(weights) or 'none'}); give it "
-                "a nonzero ce_weight or a term that reads a trainable module"
+            out = active.step(ctx)
+        if not isinstance(out, StepOutput):
+            raise TypeError(
+                f"step {active.stage.step['name']!r} returned {type(out).__name__}, not StepOutput"
             )
-        active.optimizer.zero_grad(set_to_none=True)
-        total = backward(
-            values, weights, params, self.scaler.scale, stage.clip_to_ce, D.all_reduce_mean_, ramp
-        )
-        if D.is_distributed() and not clips_to_ce(weights, stage.clip_to_ce):
-            D.average_gradients(p for p in params if id(p) not in active.synced)
-        if stage.clip_grad_norm is not None:
-            self.scaler.unscale_(active.optimizer)
-            nn.utils.clip_grad_norm_(params, stage.clip_grad_norm)
-        self.scaler.step(active.optimizer)
-        self.scaler.update()
-        detached = torch.stack([values[k].detach().float().reshape(()) for k in weights])
-        student = features.get(self.students[0])
-        return detached, total.detach(), None if student is None else student["logits"].detach()
+        if not out.losses:
+            raise ValueError(f"stage {active.stage.name!r}: the step returned no loss")
+        if active.step.manual or active.optimizer is None:
+            total = sum(v.detach().float() for v in out.losses.values())
+        else:
+            total = self._update(active, out.losses, ramp)
+        if active.optimizer is not None:
+            self.scaler.update()
+        return out, total.detach()
 
-    def _evaluate_rest(self, primary: tuple[float, float]) -> dict[str, Any]:
-        row: dict[str, Any] = {"test_acc1": primary[0], "test_acc5": primary[1]}
-        for name in self.students[1:]:
+    def _update(self, active: _Active, losses: Mapping[str, Tensor], ramp: float = 1.0) -> Tensor:
+        """Zero the gradients, backpropagate ``losses`` (summed, or clip-to-CE), average over ranks,
+        clip, step the optimiser; returns the summed loss."""
+        stage = active.stage
+        optimizer = active.optimizer
+        if optimizer is None:
+            raise RuntimeError(f"stage {stage.name!r} trains nothing ('trainable: []'), so it cannot update")
+        if not any(v.requires_grad for v in losses.values()):
+            raise ValueError(
+                f"stage {stage.name!r}: the loss has no gradient (losses: {list(losses) or 'none'}); give "
+                "it a nonzero ce_weight or a term that reads a trainable module"
+            )
+        params = active.params
+        optimizer.zero_grad(set_to_none=True)
+        clip = stage.clip_to_ce and not active.step.manual
+        total = backward(losses, params, self.scaler.scale, clip, D.all_reduce_mean_, ramp)
+        if D.is_distributed() and not clips_to_ce(losses, clip):
+            D.average_gradients(p for p in params if id(p) not in active.synced and p.grad is not None)
+        if stage.clip_grad_norm is not None:
+            self.scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(params, stage.clip_grad_norm)
+        self.scaler.step(optimizer)
+        return total
+
+    def _evaluate(
+        self, row: dict[str, Any], best: dict[str, dict], epoch: int
+    ) -> dict[str, tuple[float, float]]:
+        last = {}
+        for i, name in enumerate(self.deploy):
             acc1, acc5 = evaluate(self.root[name], self.test_loader, self._autocast)
-            row.update({f"{name}/test_acc1": acc1, f"{name}/test_acc5": acc5})
-        if self.probe is not None and D.is_main_process():
+            last[name] = (acc1, acc5)
+            prefix = "" if i == 0 else f"{name}/"
+            row.update({f"{prefix}test_acc1": acc1, f"{prefix}test_acc5": acc5})
+            if acc1 > best[name]["acc1"]:
+                best[name] = {"acc1": acc1, "acc5": acc5, "epoch": epoch + 1}
+            row.update({f"{prefix}best_acc1": best[name]["acc1"], f"{prefix}best_epoch": best[name]["epoch"]})
+        if self.agreement and D.is_main_process():
             from relkd.graphs.agreement import agreement
 
-            s, t = self.students[0], self.teachers[0]
+            s, t = self.deploy[0], self.teachers[0]
             with self._autocast():
                 row.update(
                     agreement_metrics(
@@ -431,7 +565,23 @@ class Engine:
                         agreement,
                     )
                 )
-        return row
+        return last
+
+    def _log_epoch(self, row: Mapping[str, Any], total: int) -> None:
+        losses = "  ".join(
+            f"{k.removeprefix('loss/')} {v:.4g}" for k, v in row.items() if k.startswith("loss/")
+        )
+        named = len(self.deploy) > 1
+        accuracy = "  ".join(
+            (f"{k.removesuffix('test_acc1').rstrip('/') or self.deploy[0]} " if named else "") + f"{v:.2f}%"
+            for k, v in row.items()
+            if k.endswith("test_acc1")
+        )
+        log.info(
+            "%s epoch %d/%d [%s]  loss %.4g (%s)  test top-1 %s  %.1f s",
+            self.label, row["epoch"], total, row["stage"], row["train_loss"], losses, accuracy,
+            row["epoch_time_s"],
+        )  # fmt: skip
 
     # --- checkpoints -------------------------------------------------------------------------------
 
@@ -439,11 +589,13 @@ class Engine:
         return {
             "students": {n: self.root[n].state_dict() for n in self.students},
             "losses": self.root[LOSS].state_dict(),
+            "steps": self.root[STEP_MODULES].state_dict(),
         }
 
     def _save(
         self, path: Path, epoch: int, best: dict, wall: float, row: dict, active: _Active | None
     ) -> None:
+        keep = active is not None and active.optimizer is not None
         save_checkpoint(
             path,
             {
@@ -452,8 +604,8 @@ class Engine:
                 "epoch": epoch,
                 "stage": -1 if active is None else active.index,
                 **self._states(),
-                "optimizer": {} if active is None else active.optimizer.state_dict(),
-                "scheduler": {} if active is None else active.scheduler.state_dict(),
+                "optimizer": active.optimizer.state_dict() if keep else {},
+                "scheduler": active.scheduler.state_dict() if keep else {},
                 "scaler": self.scaler.state_dict(),
                 "rng": rng_state(),
                 "best": best,
@@ -476,43 +628,81 @@ class Engine:
                 )
             load_state(path, f"student {name!r}", self.root[name], state["students"][name])
         load_state(path, "loss modules", self.root[LOSS], state["losses"])
+        load_state(path, "step modules", self.root[STEP_MODULES], state["steps"])
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         return state
 
+    def _run_evaluators(self, name: str) -> dict[str, float]:
+        if not self.evaluators:
+            return {}
+        nets = {n: self.root[n] for n in self.students + self.teachers}
+        modes = {n: m.training for n, m in nets.items()}
+        for m in nets.values():
+            m.eval()
+        ctx = EvalContext(name, nets, self.eval_loaders, self.device, self._autocast, tuple(self.teachers))
+        out = {}
+        try:
+            for evaluator_name, evaluator in self.evaluators.items():
+                for key, value in evaluator(ctx).items():
+                    out[f"{evaluator_name}/{key}"] = float(value)
+        finally:
+            for n, m in nets.items():
+                m.train(modes[n])
+        return out
+
     def _finish(
-        self, best: dict, last: tuple[float, float] | None, wall: float, epochs: int
+        self, best: dict[str, dict], last: dict[str, tuple[float, float]], wall: float, epochs: int
     ) -> dict[str, Any]:
-        if last is None:  # resumed a finished run, or zero epochs
-            last = evaluate(self.root[self.students[0]], self.test_loader, self._autocast)
-            if best["epoch"] == 0:
-                best = {"acc1": last[0], "acc5": last[1], "epoch": epochs}
+        networks: dict[str, dict[str, Any]] = {}
+        for name in self.deploy:
+            if name not in last:  # resumed a finished run, or zero epochs
+                last[name] = evaluate(self.root[name], self.test_loader, self._autocast)
+                if best[name]["epoch"] == 0:
+                    best[name] = {"acc1": last[name][0], "acc5": last[name][1], "epoch": epochs}
+            networks[name] = {
+                "last_acc1": last[name][0],
+                "last_acc5": last[name][1],
+                "best_acc1": best[name]["acc1"],
+                "best_acc5": best[name]["acc5"],
+                "best_epoch": best[name]["epoch"],
+            }
+            networks[name].update(self._run_evaluators(name))
+        first = networks[self.deploy[0]]
         result = {
             **self.info,
-            "last_acc1": last[0],
-            "last_acc5": last[1],
-            "best_acc1": best["acc1"],
-            "best_acc5": best["acc5"],
-            "best_epoch": best["epoch"],
+            **first,
             "epochs": epochs,
             "wall_time_s": wall,
             "config_hash": self.config_hash,
+            "deployed": list(self.deploy),
+            "networks": networks,
         }
-        result = {
-            k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in result.items()
-        }
+        result = _finite(result)
         if D.is_main_process():
             save_checkpoint(
-                self.run_dir / "final.pt",
+                self.files.final,
                 {"format": FORMAT, "config_hash": self.config_hash, **self._states(), "result": result},
             )
-            (self.run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+            self.files.write_result(result)
         return result
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return value
 
 
 def _targets(targets: Tensor | None, num_data: int) -> Tensor:
     return targets if targets is not None else torch.zeros(num_data, dtype=torch.long)
+
+
+def _default_step() -> type[Step]:
+    return STEPS.get("weighted_sum")
 
 
 def _agreement_available() -> bool:

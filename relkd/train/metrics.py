@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from relkd.train.files import RunFiles
+
 __all__ = ["MetricsLog", "topk_correct"]
 
 
@@ -53,33 +55,30 @@ class MetricsLog:
         enabled: write anything at all (off on every rank but the first of a multi-process run).
     """
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True, enabled: bool = True) -> None:
+    def __init__(
+        self, run_dir: str | Path | RunFiles, tensorboard: bool = True, enabled: bool = True
+    ) -> None:
         self.enabled = enabled
-        self.run_dir = Path(run_dir)
+        self.files = run_dir if isinstance(run_dir, RunFiles) else RunFiles(Path(run_dir))
         self.rows: list[dict[str, Any]] = []
         self._writer = None
         if not enabled:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = self.run_dir / "metrics.jsonl"
+        self.files.path.mkdir(parents=True, exist_ok=True)
+        self.jsonl = self.files.metrics_jsonl
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # optional dependency
                 SummaryWriter = None
             if SummaryWriter is not None:
-                self._writer = SummaryWriter(str(self.run_dir / "tb"))
+                self._writer = SummaryWriter(str(self.files.tensorboard))
 
     def resume(self, epochs_done: int) -> None:
         """Keep the rows of the first ``epochs_done`` epochs (a resumed run rewrites the rest)."""
         if not self.enabled:
             return
-        rows = []
-        if self.jsonl.is_file():
-            for line in self.jsonl.read_text().splitlines():
-                if line.strip():
-                    rows.append(json.loads(line))
-        self.rows = [r for r in rows if r.get("epoch", 0) <= epochs_done]
+        self.rows = [r for r in self.files.read_metrics() if r.get("epoch", 0) <= epochs_done]
         self._rewrite()
 
     def start(self) -> None:
@@ -110,7 +109,7 @@ class MetricsLog:
 
     def _write_csv(self) -> None:
         columns = list(dict.fromkeys(k for row in self.rows for k in row))
-        with open(self.run_dir / "metrics.csv", "w", newline="") as f:
+        with open(self.files.metrics_csv, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
             writer.writerows(self.rows)

@@ -15,31 +15,31 @@ pre-training on the teacher followed by distillation::
       - name: distill                                      # every term, the recipe's epochs
 
 Module paths name parts of one tree: each network by its name (``student``, ``teacher``), ``loss`` for
-all loss modules, ``loss.<term>`` and below for their parts.
+all loss modules, ``loss.<term>`` and below for their parts, ``steps.<i>`` for the own modules of
+the step of stage ``i`` (0-based).
+A network's modules up to a tap are ``student.until(stage2)`` (every module that runs before the
+tapped one, and the tapped one), between two taps ``student.between(stage1, stage2)`` (after the first
+tapped module, up to and including the second): found by running the network once on a probe batch,
+so they need no knowledge of the architecture.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
+from relkd.config.schema import StageConfig, TrainConfig
+from relkd.methods.base import StageInfo, TermUse
+from relkd.models.order import modules_between
 from relkd.registry import suggest
 
-__all__ = ["Stage", "TermUse", "build_stages", "find_module", "stage_parameters"]
+__all__ = ["Stage", "TermUse", "build_stages", "find_module", "resolve_paths", "stage_parameters"]
 
-
-@dataclass
-class TermUse:
-    """How a stage uses a term: ``weight``; ``call`` a loss method instead of ``distill``; ``network``
-    the network whose features alone that method receives."""
-
-    term: str
-    weight: float
-    call: str | None = None
-    network: str | None = None
+_RANGE = re.compile(r"^(?P<net>[\w.]+)\.(?P<kind>until|between)\((?P<args>[^()]*)\)$")
 
 
 @dataclass
@@ -59,18 +59,34 @@ class Stage:
     clip_to_ce: bool
     clip_to_ce_ramp: str | None
     batch_transform: dict[str, Any]
+    step: dict[str, Any] = field(default_factory=lambda: {"name": "weighted_sum"})
     after: list[str] = field(default_factory=list)
 
+    def info(self, index: int, start_epoch: int) -> StageInfo:
+        """What a step sees of this stage."""
+        options = {k: v for k, v in self.step.items() if k != "name"}
+        return StageInfo(
+            self.name, index, self.epochs, start_epoch, tuple(self.uses), self.ce_weight, options
+        )
 
-def build_stages(stages: Sequence[Any] | None, train: Any, term_weights: Mapping[str, float]) -> list[Stage]:
+
+def build_stages(
+    stages: Sequence[StageConfig] | None,
+    train: TrainConfig,
+    term_weights: Mapping[str, float],
+    step: Mapping[str, Any] | None = None,
+) -> list[Stage]:
     """Resolve a method's stage configs (``None``: one stage with every term) against its recipe.
 
     Args:
-        stages: :class:`relkd.config.StageConfig` objects, or None.
-        train: the method's :class:`relkd.config.TrainConfig`.
+        stages: the method's stages, or None.
+        train: the method's recipe.
         term_weights: ``{term: default weight}`` of the method's losses, in order.
+        step: the method's step ``{name, **options}`` (default ``weighted_sum``); a stage may name
+            its own.
     """
-    return [_stage(cfg, train, term_weights) for cfg in stages or [None]]
+    step = dict(step or {"name": "weighted_sum"})
+    return [_stage(cfg, train, term_weights, step) for cfg in stages or [None]]
 
 
 def _uses(terms: Any, term_weights: Mapping[str, float]) -> list[TermUse]:
@@ -87,7 +103,9 @@ def _uses(terms: Any, term_weights: Mapping[str, float]) -> list[TermUse]:
     return out
 
 
-def _stage(cfg: Any | None, train: Any, term_weights: Mapping[str, float]) -> Stage:
+def _stage(
+    cfg: StageConfig | None, train: TrainConfig, term_weights: Mapping[str, float], step: dict[str, Any]
+) -> Stage:
     def pick(key: str) -> Any:
         value = None if cfg is None else getattr(cfg, key)
         return getattr(train, key) if value is None else value
@@ -106,6 +124,7 @@ def _stage(cfg: Any | None, train: Any, term_weights: Mapping[str, float]) -> St
         clip_to_ce=train.clip_to_ce,
         clip_to_ce_ramp=train.clip_to_ce_ramp,
         batch_transform=dict(train.batch_transform),
+        step=dict(step if cfg is None or cfg.step is None else cfg.step),
         after=[] if cfg is None else list(cfg.after),
     )
 
@@ -141,18 +160,58 @@ def find_method(root: nn.Module, path: str, where: str) -> Callable[[], Any]:
     return fn
 
 
-def stage_parameters(root: nn.Module, stage: Stage, default: Sequence[str]) -> list[nn.Parameter]:
+def resolve_paths(
+    root: nn.Module, paths: Sequence[str], where: str, probe: Tensor | None = None, taps: Any = None
+) -> list[nn.Module]:
+    """The modules named by ``paths``: plain module paths, or a network's range ``net.until(tap)`` /
+    ``net.between(tap_a, tap_b)`` found by running the network on ``probe`` (see the module docstring).
+
+    Raises:
+        KeyError: no such module or tap.
+        ValueError: a range without a probe batch.
+    """
+    modules: list[nn.Module] = []
+    for path in paths:
+        match = _RANGE.match(path.replace(" ", ""))
+        if match is None:
+            modules.append(find_module(root, path, where))
+            continue
+        network = find_module(root, match["net"], where)
+        args = [a for a in match["args"].split(",") if a]
+        expected = 1 if match["kind"] == "until" else 2
+        if len(args) != expected:
+            raise KeyError(f"{where}: {path!r} takes {expected} tap name(s), got {len(args)}")
+        if probe is None:
+            raise ValueError(f"{where}: {path!r} needs a probe batch to find the modules' order")
+        specs = [taps(match["net"], a) if taps is not None else a for a in args]
+        start, end = (None, specs[0]) if expected == 1 else (specs[0], specs[1])
+        modules += modules_between(network, probe, start, end)
+    return modules
+
+
+def stage_parameters(
+    root: nn.Module,
+    stage: Stage,
+    default: Sequence[str],
+    probe: Tensor | None = None,
+    taps: Any = None,
+) -> list[nn.Parameter]:
     """The parameters a stage optimises: those of its trainable modules (``default`` when it names
-    none) that require gradients and do not belong to a frozen module, each once."""
+    none) that require gradients and do not belong to a frozen module, each once.
+
+    ``probe`` and ``taps(network, tap name) -> module path spec`` resolve ``until``/``between`` ranges.
+    """
+    where = f"stage {stage.name!r}"
     frozen = {
         id(p)
-        for path in stage.frozen
-        for p in find_module(root, path, f"stage {stage.name!r} frozen").parameters()
+        for m in resolve_paths(root, stage.frozen, f"{where} frozen", probe, taps)
+        for p in m.parameters()
     }
+    paths = stage.trainable if stage.trainable is not None else default
     seen: set[int] = set()
     params = []
-    for path in stage.trainable if stage.trainable is not None else default:
-        for p in find_module(root, path, f"stage {stage.name!r} trainable").parameters():
+    for module in resolve_paths(root, paths, f"{where} trainable", probe, taps):
+        for p in module.parameters():
             if p.requires_grad and id(p) not in frozen and id(p) not in seen:
                 seen.add(id(p))
                 params.append(p)

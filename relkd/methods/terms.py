@@ -10,6 +10,7 @@ A term of ``losses:`` reads its loss's ``taps`` from a student and a teacher net
 The engine fills in the constructor arguments a loss declares and the config leaves out (found with
 ``inspect.signature``): ``student_dim`` / ``teacher_dim`` (values per sample of the first tap, measured
 on a probe batch), ``student_channels`` / ``teacher_channels`` (``shape[1]`` of every tap),
+``student_shape`` / ``teacher_shape`` (the first tap's shape without the batch dimension),
 ``num_data`` (size of the full training set) and ``targets`` (all its labels).
 """
 
@@ -27,7 +28,10 @@ from relkd.losses import LOSSES, DistillLoss
 
 __all__ = ["INJECTED", "TERM_KEYS", "LossTerm", "TermSpec", "build_term", "parse_terms", "tap_names"]
 
-INJECTED = ("student_dim", "teacher_dim", "student_channels", "teacher_channels", "num_data", "targets")
+INJECTED = (
+    "student_dim", "teacher_dim", "student_channels", "teacher_channels", "student_shape", "teacher_shape",
+    "num_data", "targets",
+)  # fmt: skip
 # Keys of a term that the engine reads; every other key goes to the loss's constructor.
 TERM_KEYS: dict[str, Any] = {
     "loss": str,
@@ -46,7 +50,8 @@ class TermSpec:
         name: the term's key in ``losses`` (and its log name, ``loss/<name>``).
         loss: the registered loss name; cls: its class; options: constructor options from the config.
         weight: default weight of the term in the total loss.
-        student, teacher: names of the networks it reads.
+        student, teacher: names of the networks it reads (``teacher`` is None for a loss that reads
+            the student alone).
         student_taps, teacher_taps: the features it reads from each, in the order of ``taps``.
         taps: the loss module's own tap names (what ``distill`` indexes).
     """
@@ -57,7 +62,7 @@ class TermSpec:
     options: dict[str, Any]
     weight: float
     student: str
-    teacher: str
+    teacher: str | None
     student_taps: tuple[str, ...]
     teacher_taps: tuple[str, ...]
     taps: tuple[str, ...]
@@ -104,9 +109,11 @@ def parse_terms(
         loss = options.get("loss", name)
         cls = LOSSES.get(loss)
         student = options.get("student") or _only(students, "student", name)
-        teacher = options.get("teacher") or _only(teachers, "teacher", name)
+        teacher = None
+        if cls.needs_teacher:
+            teacher = options.get("teacher") or _only(teachers, "teacher", name)
         for role, net, known in (("student", student, students), ("teacher", teacher, teachers)):
-            if net not in known:
+            if net is not None and net not in known:
                 raise ValueError(
                     f"term {name!r}: no {role} network {net!r}; the {role}s are {', '.join(known)}"
                 )
@@ -133,15 +140,16 @@ def parse_terms(
     return specs
 
 
-def _sizes(features: Mapping[str, Tensor], taps: Sequence[str]) -> tuple[int, list[int]]:
+def _sizes(features: Mapping[str, Tensor], taps: Sequence[str]) -> tuple[int, list[int], tuple[int, ...]]:
     first = features[taps[0]]
-    return math.prod(first.shape[1:]), [int(features[t].shape[1]) for t in taps]
+    shape = tuple(int(s) for s in first.shape[1:])
+    return math.prod(shape), [int(features[t].shape[1]) for t in taps], shape
 
 
 def build_term(
     spec: TermSpec,
     student_features: Mapping[str, Tensor],
-    teacher_features: Mapping[str, Tensor],
+    teacher_features: Mapping[str, Tensor] | None,
     num_data: int,
     targets: Tensor,
 ) -> LossTerm:
@@ -154,18 +162,22 @@ def build_term(
         num_data: size of the full training set.
         targets: ``[num_data]`` labels of the full training set.
     """
-    s_dim, s_channels = _sizes(student_features, spec.student_taps)
-    t_dim, t_channels = _sizes(teacher_features, spec.teacher_taps)
+    s_dim, s_channels, s_shape = _sizes(student_features, spec.student_taps)
+    t_dim, t_channels, t_shape = (None, None, None)
+    if teacher_features is not None:
+        t_dim, t_channels, t_shape = _sizes(teacher_features, spec.teacher_taps)
     available = {
         "student_dim": s_dim,
         "teacher_dim": t_dim,
         "student_channels": s_channels,
         "teacher_channels": t_channels,
+        "student_shape": s_shape,
+        "teacher_shape": t_shape,
         "num_data": num_data,
         "targets": targets,
     }
     params = inspect.signature(spec.cls).parameters
-    kwargs = {k: v for k, v in available.items() if k in params and k not in spec.options}
+    kwargs = {k: v for k, v in available.items() if k in params and k not in spec.options and v is not None}
     module = LOSSES.build(spec.loss, **kwargs, **spec.options)
     if tuple(module.taps) != spec.taps:
         module.taps = spec.taps
@@ -180,7 +192,8 @@ def tap_names(
     names: dict[str, dict[str, None]] = {n: {} for n in [*students, *teachers]}
     for spec in specs.values():
         names[spec.student].update(dict.fromkeys(spec.student_taps))
-        names[spec.teacher].update(dict.fromkeys(spec.teacher_taps))
+        if spec.teacher is not None:
+            names[spec.teacher].update(dict.fromkeys(spec.teacher_taps))
     for stage in stages:
         for use in stage.uses:
             if use.network is not None:

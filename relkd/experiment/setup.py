@@ -33,6 +33,7 @@ __all__ = [
     "load_bundle",
     "load_weights",
     "make_batches",
+    "make_eval_loader",
     "resolve_device",
 ]
 
@@ -109,6 +110,16 @@ def make_batches(bundle: DataBundle, data: Any, seed: int, device: torch.device)
         bundle.test, data.test_batch_size, False, 0, data.num_workers, device=device, even=False, **shard
     )
     return TrainBatches(labelled, transfer), test
+
+
+def make_eval_loader(bundle: DataBundle, data: Any, device: torch.device) -> Any:
+    """The training images without augmentation, in order, in test-sized batches (this rank's shard):
+    what evaluators such as retrieval galleries read."""
+    shard = {"loader": data.loader, "rank": D.rank(), "world_size": D.world_size()}
+    return make_loader(
+        bundle.train, data.test_batch_size, False, 0, data.num_workers, device=device, augment=False,
+        even=False, **shard,
+    )  # fmt: skip
 
 
 def config_hash(*parts: Any) -> str:

@@ -1,7 +1,13 @@
-"""The engine on tiny digits runs: resume exactness, stages, seams, checkpoints, NaN stop, sizes, taps."""
+"""The engine on tiny digits runs: resume exactness, stages, seams, checkpoints, NaN stop, sizes, taps.
+
+The losses and the transform that exist only for these tests are registered by the module-scoped
+fixture ``probes`` and removed afterwards, so the global registries are as the package leaves them for
+every other test module.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -10,16 +16,15 @@ import torch
 from torch import nn
 
 from relkd.config import load_config
-from relkd.losses import DistillLoss, register
-from relkd.train import BATCH_TRANSFORMS, CheckpointError, Engine, NonFiniteLossError, TrainBatches
+from relkd.experiment import RunDir, run_method, run_teacher
+from relkd.experiment.setup import build_model, load_bundle
+from relkd.losses import LOSSES, DistillLoss
+from relkd.methods import BATCH_TRANSFORMS, cross_entropy, parse_terms
+from relkd.train import CheckpointError, Engine, NonFiniteLossError, TrainBatches, build_stages
+from relkd.train.backward import backward
 from relkd.train.checkpoint import load_checkpoint, load_state, save_checkpoint
 from relkd.train.metrics import topk_correct
 from relkd.train.seeding import seed_everything
-from relkd.train.setup import build_model, load_bundle
-from relkd.train.stages import build_stages
-from relkd.train.step import backward, cross_entropy
-from relkd.train.suite import run_method, run_teacher
-from relkd.train.terms import parse_terms
 
 torch.set_num_threads(1)
 
@@ -41,7 +46,6 @@ BASE = {
 # --- losses and a transform that exist only for these tests ---------------------------------------
 
 
-@register("_t_heads")
 class HeadsProbe(DistillLoss):
     """A loss with a part pre-trained on the teacher (``pretrain_step``) and a flag set afterwards."""
 
@@ -62,7 +66,6 @@ class HeadsProbe(DistillLoss):
         return (student.mean(1) - teacher.mean(1)).pow(2).mean()
 
 
-@register("_t_nan")
 class NaNOnCall(DistillLoss):
     """Finite until its ``at``-th call, NaN from then on."""
 
@@ -78,7 +81,6 @@ class NaNOnCall(DistillLoss):
         return value * float("nan") if self.calls >= self.at else value
 
 
-@register("_t_sizes")
 class Sizes(DistillLoss):
     """Records the sizes the engine fills in."""
 
@@ -100,7 +102,6 @@ class Sizes(DistillLoss):
         return student[0].sum() * 0.0
 
 
-@register("_t_inputs")
 class SeenInputs(DistillLoss):
     """Keeps the raw inputs each network received (the input of the MLP's ``flatten``)."""
 
@@ -112,9 +113,19 @@ class SeenInputs(DistillLoss):
         return student.sum() * 0.0
 
 
-@BATCH_TRANSFORMS.register("_t_constant")
 def constant(value: float = 3.0):
-    return lambda batch: {**batch, "input": torch.full_like(batch["input"], value)}
+    return lambda batch, ctx: {**batch, "input": torch.full_like(batch["input"], value)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def probes():
+    """Register the test-only losses and transform for this module, and remove them after."""
+    with contextlib.ExitStack() as stack:
+        for name, cls in [("_t_heads", HeadsProbe), ("_t_nan", NaNOnCall), ("_t_sizes", Sizes),
+                          ("_t_inputs", SeenInputs)]:  # fmt: skip
+            stack.enter_context(LOSSES.temporarily(name, cls))
+        stack.enter_context(BATCH_TRANSFORMS.temporarily("_t_constant", constant))
+        yield
 
 
 # --- helpers --------------------------------------------------------------------------------------
@@ -125,13 +136,16 @@ def config(methods: dict, *overrides: str):
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
+def teacher(tmp_path_factory, probes):
     cfg = config({"baseline": {}}, "teacher.train.epochs=1")
-    return run_teacher(cfg, tmp_path_factory.mktemp("teacher"), quiet=True, echo=lambda s: None)
+    return run_teacher(cfg, RunDir(tmp_path_factory.mktemp("teacher")), quiet=True, echo=lambda s: None)
 
 
 def run(cfg, name, teacher, run_dir, resume=False):
-    return run_method(cfg, name, 0, teacher, Path(run_dir), resume=resume, quiet=True, echo=lambda s: None)
+    run_dir = RunDir(Path(run_dir))
+    return run_method(
+        cfg, name, 0, {"teacher": teacher}, run_dir, resume=resume, quiet=True, echo=lambda s: None
+    )
 
 
 class Interrupt(BaseException):
@@ -396,8 +410,8 @@ def test_backward_clips_each_distillation_gradient_to_the_ce_gradient_norm():
     p = nn.Parameter(torch.tensor([1.0, 2.0]))
     q = nn.Parameter(torch.tensor([3.0]))  # reached by the distillation term only
     a, b = torch.tensor([3.0, 4.0]), torch.tensor([30.0, 0.0])
-    values = {"ce": (p * a).sum(), "kd": (p * b).sum() + 2 * q.sum()}
-    backward(values, {"ce": 1.0, "kd": 0.5}, [p, q], lambda x: x, clip_to_ce=True)
+    losses = {"ce": (p * a).sum(), "kd": 0.5 * ((p * b).sum() + 2 * q.sum())}
+    backward(losses, [p, q], lambda x: x, clip_to_ce=True)
     # g_ce = a (norm 5), g_kd = 0.5 b (norm 15) -> scaled by 5/15; q keeps its unclipped gradient
     assert torch.allclose(p.grad, a + 0.5 * b * (5.0 / 15.0))
     assert torch.allclose(q.grad, torch.tensor([1.0]))
@@ -445,7 +459,7 @@ def test_every_builtin_method_trains_a_small_cnn(tmp_path):
     }
     shorter = ["methods.mhgd.stages.0.epochs=1"] if "mhgd" in names else []
     cfg = load_config(suite, ["teacher.train.epochs=1", *shorter])[0]
-    teacher = run_teacher(cfg, tmp_path, quiet=True, echo=lambda s: None)
+    teacher = run_teacher(cfg, RunDir(tmp_path), quiet=True, echo=lambda s: None)
     for name in names:
         result = run(cfg, name, teacher, tmp_path)
         stages = cfg.methods[name].stages
@@ -454,17 +468,17 @@ def test_every_builtin_method_trains_a_small_cnn(tmp_path):
 
 def test_relational_terms_of_a_step_share_one_gram_product_per_side(tmp_path, teacher, monkeypatch):
     import relkd.graphs.ops as ops
-    import relkd.train.engine as engine
+    from relkd.methods.weighted_sum import WeightedSum
 
     grams, steps = [], []
-    real_gram, real_values = ops.gram, engine.term_values
+    real_gram, real_forward = ops.gram, WeightedSum.forward
     monkeypatch.setattr(ops, "gram", lambda x: grams.append(x.shape) or real_gram(x))
 
-    def counted(*args, **kwargs):
+    def counted(self, ctx):
         steps.append(1)
-        return real_values(*args, **kwargs)
+        return real_forward(self, ctx)
 
-    monkeypatch.setattr(engine, "term_values", counted)
+    monkeypatch.setattr(WeightedSum, "forward", counted)
     losses = {"rkd": {"weight": 1.0}, "sp": {"weight": 1.0}, "cc": {"weight": 1.0}, "pkt": {"weight": 1.0}}
     cfg = config({"four": {"losses": losses}}, "train.epochs=1", "log_agreement=false")
     run(cfg, "four", teacher, tmp_path / "four")
