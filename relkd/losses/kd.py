@@ -8,6 +8,11 @@ Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network", NIPS wor
 factor keeps the gradient scale independent of ``T`` (Sec. 2). Default ``T = 4`` as in the CIFAR-100 KD
 benchmark (Tian et al., ICLR 2020).
 
+``reduction``: ``"mean"`` (default) divides the sum over the batch and classes by ``B`` (PyTorch's
+``"batchmean"``), ``"sum"`` does not divide, and ``"elementwise_mean"`` divides by ``B * C``: the legacy
+default of ``nn.KLDivLoss()``, which codes such as Teacher-free KD (Yuan et al., CVPR 2020) used and
+tuned their weights for.
+
 Shapes:
     student_logits, teacher_logits: ``[B, C]`` -> scalar.
 """
@@ -25,6 +30,7 @@ from relkd.losses.registry import register
 
 __all__ = ["kd", "KDLoss"]
 FUNCTIONAL = ("kd",)
+_REDUCTIONS = ("mean", "sum", "elementwise_mean")
 
 
 def kd(
@@ -33,7 +39,8 @@ def kd(
     T: float = 4.0,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """Hinton KD loss; ``reduction="mean"`` averages over the batch, ``"sum"`` sums over it."""
+    """Hinton KD loss; ``reduction="mean"`` averages over the batch, ``"sum"`` sums over it,
+    ``"elementwise_mean"`` averages over the batch and the classes (``nn.KLDivLoss()``'s legacy mean)."""
     if student_logits.dim() != 2 or teacher_logits.dim() != 2:
         raise ValueError(
             f"kd: expected logits of shape [B, C], got student {tuple(student_logits.shape)} and "
@@ -47,6 +54,8 @@ def kd(
         )
     if T <= 0:
         raise ValueError(f"kd: temperature T must be positive, got {T}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"kd: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     check_finite("kd", "student input", student_logits)
     check_finite("kd", "teacher input", teacher_logits)
     dtype = compute_dtype(student_logits.dtype)
@@ -55,6 +64,10 @@ def kd(
         log_p_t = F.log_softmax(teacher_logits.detach().to(dtype) / T, dim=1)
         per_sample = (log_p_t.exp() * (log_p_t - log_p_s)).sum(1)
         b = max(1, student_logits.shape[0])
+        if reduction == "elementwise_mean":
+            loss = per_sample.sum() / (b * student_logits.shape[1]) * T * T
+            check_finite("kd", "loss", loss)
+            return loss
         return reduce(per_sample.sum() / b * T * T, b, reduction, "kd")
 
 
