@@ -30,6 +30,10 @@ LOSS_KWARGS: dict[str, Callable[[], dict[str, Any]]] = {
     },
     "mhgd": lambda: {"teacher_channels": [c for c, *_ in STAGES]},
     "fitnet": lambda: {"student_shape": STAGES[1], "teacher_shape": STAGES[1]},
+    "sskd": lambda: {"student_dim": D, "teacher_dim": D},
+    "mgd": lambda: {"student_dim": D, "teacher_dim": D, "num_classes": CLASSES},
+    "arcface": lambda: {"student_dim": D, "num_classes": CLASSES},
+    "lce": lambda: {"student_dim": D, "teacher_dim": D, "num_classes": CLASSES},
 }
 
 
@@ -123,7 +127,9 @@ def loss_case() -> Callable[[str], LossCase]:
         if "index" in loss.batch_keys:
             batch["index"] = torch.randperm(NUM_DATA, generator=g)[:B]
         if "target" in loss.batch_keys:
-            batch["target"] = torch.randint(0, CLASSES, (B,), generator=g)
+            batch["target"] = torch.arange(B) % CLASSES
+        if hasattr(loss, "fit"):  # losses that first fit statistics of the teacher (LCE's class centres)
+            loss.fit(teacher[loss.taps[0]], batch["target"])
         return LossCase(loss, student, teacher, batch)
 
     return make

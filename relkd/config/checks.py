@@ -35,6 +35,7 @@ __all__ = ["check_suite"]
 
 AMP = (None, "bf16", "fp16")
 CLIP_RAMPS = (None, "sigmoid")
+STAGE_BATCHES = ("train", "labelled_once")
 STAGE_TERM_KEYS = {"weight": float, "call": str, "network": str}
 # component -> (its registry, the arguments the engine passes itself)
 COMPONENTS = {
@@ -313,3 +314,8 @@ def _check_stage(path: str, stage: StageConfig, classes: Mapping[str, type], net
             _check_component(join(path, key), getattr(stage, key), *COMPONENTS[key])
     if stage.step is not None:
         _check_component(join(path, "step"), stage.step, STEPS, ())
+    if stage.batches not in STAGE_BATCHES:
+        raise ConfigError(
+            f"{path}.batches: expected one of {', '.join(STAGE_BATCHES)}, got {stage.batches!r}"
+            f"{suggest(stage.batches, STAGE_BATCHES)}"
+        )

@@ -90,10 +90,11 @@ def resolve(
         name: _model(spec, f"students.{name}") for name, spec in _mapping(data, "students").items()
     }
     declared = _mapping(data, "teachers")
-    teachers = {
-        name: _teacher(spec, f"teachers.{name}", suite_data, train, data["students"], base_dir)
-        for name, spec in declared.items()
-    }
+    teachers: dict[str, Any] = {}
+    for name, spec in declared.items():
+        teachers[name] = _teacher(
+            spec, f"teachers.{name}", suite_data, train, {**data["students"], **teachers}, base_dir
+        )
     loss_args = _mapping(data, "loss_args")
     methods = {}
     for name, method in data["methods"].items():
@@ -146,21 +147,21 @@ def _teacher(
     path: str,
     suite_data: Mapping[str, Any],
     train: Mapping[str, Any],
-    students: Mapping[str, Mapping[str, Any]],
+    networks: Mapping[str, Mapping[str, Any]],
     base_dir: Path | None,
 ) -> dict[str, Any]:
-    """A teacher's complete mapping: its data and recipe merged onto the suite's, ``like`` and
-    ``method`` resolved."""
+    """A teacher's complete mapping: its data and recipe merged onto the suite's, ``like`` (a suite
+    network whose model and args it takes) and ``method`` resolved."""
     teacher = _model(spec, path)
     like = teacher.get("like")
     if like is not None:
-        if not isinstance(like, str) or like not in students:
+        if not isinstance(like, str) or like not in networks:
             raise ConfigError(
-                f"{path}.like: expected the name of a student of the suite "
-                f"({', '.join(students) or 'none'}), got {like!r}"
+                f"{path}.like: expected the name of a network of the suite "
+                f"({', '.join(networks) or 'none'}), got {like!r}"
             )
         for key in ("model", "args"):
-            teacher.setdefault(key, copy.deepcopy(students[like].get(key, {} if key == "args" else "")))
+            teacher.setdefault(key, copy.deepcopy(networks[like].get(key, {} if key == "args" else "")))
     teacher["data"] = deep_merge(suite_data, _mapping(teacher, "data", f"{path}."))
     teacher["train"] = merge_train(train, _mapping(teacher, "train", f"{path}."))
     method = teacher.get("method")
@@ -232,7 +233,7 @@ def _method_teachers(
                 )
             out[name] = value
             continue
-        own = _teacher(value, where, suite_data, train, students, base_dir)
+        own = _teacher(value, where, suite_data, train, {**students, **teachers}, base_dir)
         if name in teachers and teachers[name] != own:
             raise ConfigError(
                 f"{where}: a different teacher named {name!r} is already defined; give this one another name"

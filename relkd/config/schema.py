@@ -59,6 +59,8 @@ class DataConfig:
             ``dataloader`` (any dataset through a ``DataLoader``, e.g. to compare the two).
         num_workers: decoding processes of the ``DataLoader`` path.
         augment: the dataset's standard training augmentation.
+        classes: keep only these classes (labels unchanged), in the training and test sets; null
+            keeps every class.
         options: dataset-specific options, e.g. ``{image_size: 224}`` for ``imagefolder``.
     """
 
@@ -74,6 +76,7 @@ class DataConfig:
     loader: str = "auto"
     num_workers: int = 0
     augment: bool = True
+    classes: list[int] | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -128,9 +131,15 @@ class StageConfig:
             module) or a part (``loss.mhgd.heads``); null is every student and every loss.
         frozen: modules excluded from ``trainable`` and put in eval mode during this stage.
         optimizer, schedule, warmup_epochs: this stage's, null for the recipe's.
-        after: methods called when the stage ends, as paths (``loss.mhgd.freeze_heads``); what
-            they change must live in the module's ``state_dict`` so that resuming restores it.
+        after: methods called when the stage ends, as paths (``loss.mhgd.freeze_heads``), whose
+            arguments may name modules (``loss.lce.arcface.copy_to(student.fc)``); what they change
+            must live in the module's ``state_dict`` so that resuming restores it.
+        after_epoch: calls like ``after``, made at the end of every epoch of the stage, before the
+            test evaluation (e.g. writing a loss's classifier into the network that is evaluated).
         step: this stage's step ``{name, **options}``; null takes the method's.
+        batches: ``train`` (the training batches: augmented, with the transfer images when the
+            stage distils) or ``labelled_once`` (the labelled training images once per epoch, in
+            order, without augmentation: a pass that gathers statistics such as class centres).
 
     ``trainable`` and ``frozen`` paths may also name a network's modules up to a tap,
     ``student.until(stage2)``, or between two taps, ``student.between(stage1, stage2)``; an empty
@@ -147,7 +156,9 @@ class StageConfig:
     schedule: dict[str, Any] | None = None
     warmup_epochs: int | None = None
     after: list[str] = field(default_factory=list)
+    after_epoch: list[str] = field(default_factory=list)
     step: dict[str, Any] | None = None
+    batches: str = "train"
 
 
 @dataclass
@@ -207,7 +218,8 @@ class TeacherConfig:
 
     Attributes:
         model, args: the network, as in :class:`ModelConfig`.
-        like: take ``model`` and ``args`` from the suite's student of this name (a self-teacher).
+        like: take ``model`` and ``args`` from the suite's network of this name (``student``: a
+            self-teacher; ``teacher``: another copy of the teacher's architecture).
         checkpoint: load the weights instead of training.
         seed: the seed of its training run.
         method: how it is trained: a method name or mapping (e.g. a robust or a margin classifier);

@@ -74,6 +74,8 @@ def load_bundle(data: Any, seed: int) -> DataBundle:
     labelled subset and transfer set (cut to ``transfer_size``) chosen with ``data.subset_seed``, else
     ``seed``."""
     bundle = _full_bundle(data.name, data.root, data.augment, json.dumps(data.options, sort_keys=True))
+    if data.classes is not None:
+        bundle = _keep_classes(bundle, data.classes)
     if data.train_subset is None:
         return bundle
     subset_seed = seed if data.subset_seed is None else data.subset_seed
@@ -83,6 +85,25 @@ def load_bundle(data: Any, seed: int) -> DataBundle:
     generator = torch.Generator().manual_seed(derive_seed(subset_seed, TRANSFER_STREAM))
     keep = torch.randperm(len(bundle.transfer), generator=generator)[: data.transfer_size].sort().values
     return dataclasses.replace(bundle, transfer=bundle.transfer.subset(keep))
+
+
+def _keep_classes(bundle: DataBundle, classes: list[int]) -> DataBundle:
+    """The bundle's training and test images of ``classes`` only (labels unchanged)."""
+    from relkd.config import ConfigError
+
+    bad = [c for c in classes if not 0 <= c < bundle.num_classes]
+    if bad:
+        raise ConfigError(
+            f"data.classes: {bad[0]} is not a class of {bundle.name} (0 .. {bundle.num_classes - 1})"
+        )
+    if not all(hasattr(d, "subset") for d in (bundle.train, bundle.test)):
+        raise ConfigError(f"data.classes: the {bundle.name} data set cannot be cut to some classes")
+    wanted = torch.tensor(sorted(set(classes)))
+
+    def keep(dataset: Any) -> Any:
+        return dataset.subset(torch.isin(dataset.targets, wanted).nonzero().flatten())
+
+    return dataclasses.replace(bundle, train=keep(bundle.train), test=keep(bundle.test))
 
 
 def make_batches(bundle: DataBundle, data: Any, seed: int, device: torch.device) -> tuple[TrainBatches, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from relkd.graphs.angles import angle_smooth_l1, angles_from_gram
+from relkd.graphs.cross import BipartiteGraph, cross_cosine
 from relkd.graphs.knn import knn_from_relation
 from relkd.graphs.relation_graph import KERNELS, RelationGraph, register_kernel
 
@@ -17,6 +18,8 @@ __all__ = [
     "knn_from_relation",
     "angle_smooth_l1",
     "angles_from_gram",
+    "BipartiteGraph",
+    "cross_cosine",
 ]
 
 

@@ -30,12 +30,15 @@ class DistillLoss(nn.Module):
         needs_teacher: the loss compares a student with a teacher; a loss that reads the student
             alone (a label-derived target, a classifier head) sets it to False and ``distill``
             receives ``teacher=None``.
+        last_parts: a loss made of several parts may store them here (``{name: scalar tensor}``)
+            when it is called; the engine logs each as ``raw/<term>.<name>``.
     """
 
     taps: ClassVar[tuple[str, ...]] = ("penultimate",)
     batch_keys: ClassVar[tuple[str, ...]] = ()
     accepts_graphs: ClassVar[bool] = False
     needs_teacher: ClassVar[bool] = True
+    last_parts: dict[str, torch.Tensor] | None = None
 
     def on_step(self, context: Any) -> None:
         """Called by the engine before the loss is used in a training step, with the step's

@@ -11,7 +11,7 @@ The engine fills in the constructor arguments a loss declares and the config lea
 ``inspect.signature``): ``student_dim`` / ``teacher_dim`` (values per sample of the first tap, measured
 on a probe batch), ``student_channels`` / ``teacher_channels`` (``shape[1]`` of every tap),
 ``student_shape`` / ``teacher_shape`` (the first tap's shape without the batch dimension),
-``num_data`` (size of the full training set) and ``targets`` (all its labels).
+``num_data`` (size of the full training set), ``targets`` (all its labels) and ``num_classes``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ __all__ = ["INJECTED", "TERM_KEYS", "LossTerm", "TermSpec", "build_term", "parse
 
 INJECTED = (
     "student_dim", "teacher_dim", "student_channels", "teacher_channels", "student_shape", "teacher_shape",
-    "num_data", "targets",
+    "num_data", "targets", "num_classes",
 )  # fmt: skip
 # Keys of a term that the engine reads; every other key goes to the loss's constructor.
 TERM_KEYS: dict[str, Any] = {
@@ -152,6 +152,7 @@ def build_term(
     teacher_features: Mapping[str, Tensor] | None,
     num_data: int,
     targets: Tensor,
+    num_classes: int | None = None,
 ) -> LossTerm:
     """Build the loss of ``spec``, filling in the sizes it asks for from probe-batch features.
 
@@ -175,6 +176,7 @@ def build_term(
         "teacher_shape": t_shape,
         "num_data": num_data,
         "targets": targets,
+        "num_classes": num_classes,
     }
     params = inspect.signature(spec.cls).parameters
     kwargs = {k: v for k, v in available.items() if k in params and k not in spec.options and v is not None}

@@ -37,3 +37,13 @@ def identity() -> Transform:
 def build_transform(spec: Mapping[str, Any]) -> Transform:
     """The transform ``{name, **options}`` from :data:`BATCH_TRANSFORMS`."""
     return BATCH_TRANSFORMS.build(spec["name"], **{k: v for k, v in spec.items() if k != "name"})
+
+
+@register_transform("rotate4")
+def rotate4() -> Transform:
+    """Every image as its four rotations by 0, 90, 180 and 270 degrees, image-major (SSKD, Xu et al.,
+    ECCV 2020): the cross-entropy sees the unrotated labelled rows only, ``view_target`` keeps every
+    row's source label (:func:`relkd.losses.sskd.rotation_batch`)."""
+    from relkd.losses.sskd import rotation_batch
+
+    return lambda batch, ctx: rotation_batch(batch)

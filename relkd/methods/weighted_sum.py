@@ -81,5 +81,9 @@ class WeightedSum(Step):
                 values[use.term] = ctx.call(use.term, method, use.network, features[use.network])
             weights[use.term] = use.weight
         losses = {k: weights[k] * values[k].float() for k in values}
+        metrics = dict(values)
+        for use in stage.uses:
+            parts = ctx.terms[use.term].module.last_parts
+            metrics.update({f"{use.term}.{k}": v for k, v in (parts or {}).items()})
         logits = features[students[0]]["logits"] if students else None
-        return StepOutput(logits, losses, metrics=values)
+        return StepOutput(logits, losses, metrics=metrics)

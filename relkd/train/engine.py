@@ -218,7 +218,7 @@ class Engine:
         for name, spec in terms.items():
             t_features = None if spec.teacher is None else features[spec.teacher]
             self.terms[name] = build_term(
-                spec, features[spec.student], t_features, num_data, _targets(targets, num_data)
+                spec, features[spec.student], t_features, num_data, _targets(targets, num_data), num_classes
             )
             self.root[LOSS][name] = self.terms[name].module.to(self.device)
         for index, (stage, cls) in enumerate(zip(self.stages, step_classes, strict=True)):
@@ -402,10 +402,12 @@ class Engine:
                 row = self._train_epoch(epoch, total, active, path)
                 if active.scheduler is not None:
                     active.scheduler.step()
-                last = self._evaluate(row, best, epoch)
+                for call in active.stage.after_epoch:
+                    find_method(self.root, call, f"stage {active.stage.name!r} after_epoch")()
                 stage_done = epoch + 1 == self.starts[index + 1]
-                if stage_done:
+                if stage_done:  # before the evaluation: an `after` call may change what is deployed
                     self._end(active)
+                last = self._evaluate(row, best, epoch)
                 row["epoch_time_s"] = time.perf_counter() - t0
                 wall += row["epoch_time_s"]
                 metrics_log.log(row)
@@ -429,7 +431,17 @@ class Engine:
         stage = active.stage
         self._set_modes(active)
         tally: EpochTally | None = None
-        steps = len(self.batches)
+        distill = bool(stage.uses) or not isinstance(active.step, _default_step())
+        if stage.batches == "labelled_once":
+            if "train" not in self.eval_loaders:
+                raise ValueError(
+                    f"stage {stage.name!r} reads the labelled images once (batches: labelled_once), but the "
+                    "engine was given no eval_loaders['train']"
+                )
+            loader = self.eval_loaders["train"]
+            steps, epoch_batches = len(loader), iter(loader)
+        else:
+            steps, epoch_batches = len(self.batches), self.batches.epoch(epoch, with_transfer=distill)
         check_every = 1 if self.device.type == "cpu" else 25
         bar = tqdm(
             total=steps,
@@ -442,8 +454,7 @@ class Engine:
         info = stage.info(active.index, active.start)
         step = 0
         try:
-            distill = bool(stage.uses) or not isinstance(active.step, _default_step())
-            for step, batch in enumerate(self.batches.epoch(epoch, with_transfer=distill), 1):
+            for step, batch in enumerate(epoch_batches, 1):
                 ctx = StepContext(
                     batch=batch,
                     epoch=epoch,

@@ -25,6 +25,7 @@ so they need no knowledge of the architecture.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from relkd.registry import suggest
 
 __all__ = ["Stage", "TermUse", "build_stages", "find_module", "resolve_paths", "stage_parameters"]
 
+_CALL = re.compile(r"^(?P<target>[\w.]+)\((?P<args>[\w.,]*)\)$")
 _RANGE = re.compile(r"^(?P<net>[\w.]+)\.(?P<kind>until|between)\((?P<args>[^()]*)\)$")
 
 
@@ -61,6 +63,8 @@ class Stage:
     batch_transform: dict[str, Any]
     step: dict[str, Any] = field(default_factory=lambda: {"name": "weighted_sum"})
     after: list[str] = field(default_factory=list)
+    after_epoch: list[str] = field(default_factory=list)
+    batches: str = "train"
 
     def info(self, index: int, start_epoch: int) -> StageInfo:
         """What a step sees of this stage."""
@@ -126,6 +130,8 @@ def _stage(
         batch_transform=dict(train.batch_transform),
         step=dict(step if cfg is None or cfg.step is None else cfg.step),
         after=[] if cfg is None else list(cfg.after),
+        after_epoch=[] if cfg is None else list(cfg.after_epoch),
+        batches="train" if cfg is None else cfg.batches,
     )
 
 
@@ -146,18 +152,22 @@ def find_module(root: nn.Module, path: str, where: str) -> nn.Module:
 
 
 def find_method(root: nn.Module, path: str, where: str) -> Callable[[], Any]:
-    """The bound method at ``path`` = ``module.path.method_name``.
+    """The call at ``path`` = ``module.path.method_name``, or ``module.path.method_name(arg, ...)``
+    whose arguments are module paths too (``loss.lce.arcface.copy_to(student.fc)``).
 
     Raises:
         KeyError: no such module or method.
     """
-    module_path, _, method = path.rpartition(".")
+    call = _CALL.match(path.replace(" ", ""))
+    target, args = (call["target"], [a for a in call["args"].split(",") if a]) if call else (path, [])
+    module_path, _, method = target.rpartition(".")
     module = find_module(root, module_path, where)
     fn = getattr(module, method, None)
     if not callable(fn):
         public = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n, None))]
         raise KeyError(f"{where}: {type(module).__name__} has no method {method!r}.{suggest(method, public)}")
-    return fn
+    modules = [find_module(root, a, where) for a in args]
+    return functools.partial(fn, *modules) if modules else fn
 
 
 def resolve_paths(
