@@ -65,6 +65,15 @@ def cc(s: torch.Tensor, t: torch.Tensor, gamma: float = 0.4, order: int = 2) -> 
     return ((k(s) - k(t)) ** 2).sum() / b**2
 
 
+def cc_chain(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """RepDistiller's CC: mean over pairs (i, i + 1) of sum_d |s_i - t_i| |s_{i+1} - t_{i+1}|."""
+    total = 0.0
+    for i in range(s.shape[0] - 1):
+        for d in range(s.shape[1]):
+            total = total + (s[i, d] - t[i, d]).abs() * (s[i + 1, d] - t[i + 1, d]).abs()
+    return total / (s.shape[0] - 1)
+
+
 def pkt(s: torch.Tensor, t: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     def p(x):
         f = x / x.norm(dim=1, keepdim=True)

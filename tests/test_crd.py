@@ -13,11 +13,13 @@ from relkd.losses.functional import crd
 
 N, DS, DT, FEAT, K, B = 30, 6, 8, 5, 7, 9
 T, EPS = 0.07, 1e-7
+TARGETS = torch.arange(N) % 3
 
 
 def make_loss(**kw) -> L.CRDLoss:
     torch.manual_seed(0)
-    return L.CRDLoss(DS, DT, N, **{"feat_dim": FEAT, "num_negatives": K, **kw}).double()
+    kw = {"feat_dim": FEAT, "num_negatives": K, "targets": TARGETS, **kw}
+    return L.CRDLoss(DS, DT, N, **kw).double()
 
 
 def batch(b: int = B, seed: int = 1, dtype=torch.float64):
@@ -149,7 +151,7 @@ def test_gradients_reach_student_and_projections_but_not_the_teacher():
 
 
 def test_queue_bank_matches_crd_with_current_positives():
-    loss = make_loss(bank="queue", queue_size=12)
+    loss = make_loss(bank="queue", queue_size=12, negatives="uniform")
     inputs, neg = batch(), fixed_negatives(high=12)
     queue_s, queue_t = banks(loss)
     got = loss(**inputs, negatives=neg)
@@ -164,9 +166,10 @@ def test_queue_bank_matches_crd_with_current_positives():
 
 @pytest.mark.parametrize("bank", ["full", "queue"])
 def test_state_dict_round_trip_resumes_exactly(bank):
-    loss = make_loss(bank=bank, queue_size=12)
+    law = "other_classes" if bank == "full" else "uniform"
+    loss = make_loss(bank=bank, queue_size=12, negatives=law)
     loss(**batch(seed=1))
-    fresh = make_loss(bank=bank, queue_size=12)
+    fresh = make_loss(bank=bank, queue_size=12, negatives=law)
     torch.manual_seed(123)
     fresh.student_bank.memory.uniform_()
     fresh.load_state_dict(loss.state_dict())
@@ -180,21 +183,42 @@ def test_state_dict_round_trip_resumes_exactly(bank):
     assert torch.equal(a, b)
 
 
-def test_exclude_same_class_draws_other_class_negatives():
-    targets = torch.arange(N) % 3
-    loss = make_loss(targets=targets, exclude_same_class=True)
+def test_default_negatives_are_distinct_entries_of_other_classes():
+    loss = make_loss()
     index = torch.arange(N)
-    negatives = loss.sampler(index, 100)
+    negatives = loss.sampler(index, 20)  # every class leaves exactly 20 entries
     assert negatives.device == index.device
-    assert not (targets[negatives] == targets[index].unsqueeze(1)).any()
-    assert not make_loss(targets=targets).sampler.by_class  # targets alone: uniform, as CRD
+    assert not (TARGETS[negatives] == TARGETS[index].unsqueeze(1)).any()
+    assert all(
+        sorted(row) == [j for j in range(N) if TARGETS[j] != TARGETS[i]]
+        for i, row in enumerate(negatives.tolist())
+    )
 
 
-def test_exclude_same_class_needs_targets_and_a_full_bank():
-    with pytest.raises(ValueError, match="exclude_same_class"):
-        make_loss(exclude_same_class=True)
-    with pytest.raises(ValueError, match="exclude_same_class"):
-        make_loss(targets=torch.arange(N) % 3, exclude_same_class=True, bank="queue")
+def test_uniform_negatives_may_share_the_class_and_repeat():
+    loss = make_loss(negatives="uniform")
+    index = torch.zeros(50, dtype=torch.long)
+    torch.manual_seed(4)
+    negatives = loss.sampler(index, 40)
+    assert (TARGETS[negatives] == 0).any()
+    assert any(len(set(row)) < 40 for row in negatives.tolist())
+
+
+def test_the_law_defaults_to_other_classes_with_labels_and_uniform_without():
+    assert make_loss().negatives == "other_classes"
+    assert make_loss(targets=None).negatives == "uniform"
+    assert make_loss(targets=torch.zeros(N, dtype=torch.long)).negatives == "uniform"  # no labels
+    assert make_loss(bank="queue").negatives == "uniform"
+    assert not make_loss(targets=None).sampler.by_class and make_loss(targets=None).sampler.replacement
+
+
+def test_negative_law_errors_say_what_to_do():
+    with pytest.raises(ValueError, match="needs the labels of the training set as targets"):
+        make_loss(targets=None, negatives="other_classes")
+    with pytest.raises(ValueError, match="negatives='uniform'"):
+        make_loss(bank="queue", negatives="other_classes")
+    with pytest.raises(ValueError, match="negatives must be one of"):
+        make_loss(negatives="hard")
 
 
 @pytest.mark.parametrize("b", [1, 2])
@@ -208,7 +232,7 @@ def test_tiny_batches_are_finite(b):
 
 def test_half_inputs_compute_in_float32():
     torch.manual_seed(0)
-    loss = L.CRDLoss(DS, DT, N, feat_dim=FEAT, num_negatives=K)
+    loss = L.CRDLoss(DS, DT, N, feat_dim=FEAT, num_negatives=K, targets=TARGETS)
     out = loss(**batch(dtype=torch.float16))
     assert out.dtype == torch.float32 and torch.isfinite(out)
 

@@ -174,6 +174,15 @@ def test_sampled_negatives_come_from_other_classes():
     assert not (targets[negatives] == targets[index].unsqueeze(1)).any()
 
 
+def test_sampled_negatives_are_distinct_as_the_authors_loader_draws_them():
+    loss = make_loss()
+    index = torch.arange(N)
+    negatives = loss.sampler(index, 30)  # each class of 4 leaves 30 of the 40 entries
+    targets = torch.arange(N) % C
+    assert not (targets[negatives] == targets[index].unsqueeze(1)).any()
+    assert all(len(set(row)) == 30 for row in negatives.tolist())
+
+
 def test_state_dict_round_trip_resumes_exactly():
     loss = make_loss()
     loss(**batch(seed=1))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from svd_cases import known_features, layers
+from svd_cases import known_features, layers, orthonormal
 
 import relkd.graphs.svd as svd
 import relkd.losses as L
@@ -28,8 +28,11 @@ def largest_entry_positive(v: torch.Tensor) -> torch.Tensor:
     return v * torch.sign(torch.gather(v, -2, idx))
 
 
-def expected_kd_svd(s_layers, t_layers, k: int, sigma: float = 8.0, reduction: str = "sum"):
-    """The loss written out from the known singular vectors, with loops over samples and vectors."""
+def expected_kd_svd(
+    s_layers, t_layers, k: int, sigma: float = 8.0, reduction: str = "sum", extra_candidates: int = 3
+):
+    """The loss written out from the known singular vectors, with loops over samples and vectors: the
+    student offers its top ``k + extra_candidates`` vectors (all it has when it has fewer)."""
     vecs_s, vecs_t = [], []
     for (_, v_s), (_, v_t), spec in zip(s_layers, t_layers, TEACHER, strict=True):
         weights = torch.tensor(spec[3][:k], dtype=torch.float64)
@@ -39,9 +42,9 @@ def expected_kd_svd(s_layers, t_layers, k: int, sigma: float = 8.0, reduction: s
             cols_s, cols_t = [], []
             for j in range(k):
                 t = largest_entry_positive(v_t[b, :, j : j + 1])[:, 0]
-                cands = [v_s[b, :, i] for i in range(k + 1)]
+                cands = [v_s[b, :, i] for i in range(min(k + extra_candidates, v_s.shape[-1]))]
                 cos = [float(c @ t) for c in cands]
-                best = max(range(k + 1), key=lambda i: abs(cos[i]))
+                best = max(range(len(cands)), key=lambda i: abs(cos[i]))
                 cols_s.append(cands[best] * (1.0 if cos[best] >= 0 else -1.0) * weights[j])
                 cols_t.append(t * weights[j])
             lay_s.append(cols_s)
@@ -179,6 +182,40 @@ def test_kd_svd_matches_the_closed_form(k, reduction):
     torch.testing.assert_close(out, expected, rtol=1e-9, atol=0)
 
 
+@pytest.mark.parametrize("extra", [1, 3], ids=["paper_k+1", "authors_cifar_k+3"])
+def test_kd_svd_matches_the_closed_form_for_either_candidate_count(extra):
+    s_layers, t_layers = layers(STUDENT, 4, seed=30), layers(TEACHER, 4, seed=31)
+    s, t = [m for m, _ in s_layers], [m for m, _ in t_layers]
+    out = kd_svd(s, t, extra_candidates=extra)
+    torch.testing.assert_close(
+        out, expected_kd_svd(s_layers, t_layers, 1, extra_candidates=extra), rtol=1e-9, atol=0
+    )
+    torch.testing.assert_close(KDSVDLoss(extra_candidates=extra)(s, t), out, rtol=1e-12, atol=0)
+
+
+def permuted_pair(batch: int, seed: int):
+    """Teacher and student maps of two layers whose singular vectors are the same four directions, the
+    teacher's leading one being the student's fourth."""
+    g = torch.Generator().manual_seed(seed)
+    s_maps, t_maps = [], []
+    for c, h, w in [(4, 3, 5), (6, 2, 4)]:
+        s_layer, t_layer = [], []
+        for _ in range(batch):
+            q, u = orthonormal(c, 4, g), orthonormal(h * w, 4, g)
+            values = torch.diag(torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64))
+            t_layer.append((u @ values @ q.T).T.reshape(c, h, w))
+            s_layer.append((u @ values @ q[:, [1, 2, 3, 0]].T).T.reshape(c, h, w))
+        s_maps.append(torch.stack(s_layer))
+        t_maps.append(torch.stack(t_layer))
+    return s_maps, t_maps
+
+
+def test_four_candidates_find_the_teachers_vector_in_fourth_place_two_do_not():
+    s, t = permuted_pair(3, seed=32)
+    assert float(kd_svd(s, t)) < 1e-20  # aligned to the teacher's own vectors: equal graphs
+    assert float(kd_svd(s, t, extra_candidates=1)) > 1e-4
+
+
 def test_module_and_functional_agree_and_registry_builds_it():
     s_layers, t_layers = layers(STUDENT, 2, seed=7), layers(TEACHER, 2, seed=8)
     s, t = [m for m, _ in s_layers], [m for m, _ in t_layers]
@@ -262,3 +299,5 @@ def test_bad_inputs_say_what_to_do():
         KDSVDLoss()(s[0], s[0])
     with pytest.raises(ValueError, match="k must be >= 1"):
         KDSVDLoss(k=0)
+    with pytest.raises(ValueError, match="extra_candidates must be >= 0"):
+        KDSVDLoss(extra_candidates=-1)

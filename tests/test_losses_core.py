@@ -62,7 +62,7 @@ def test_feature_maps_are_flattened():
 def test_modules_agree_with_functions(pair):
     s, t = pair
     cases = [
-        (L.build("rkd"), F.rkd_distance(s, t) + 2.0 * F.rkd_angle(s, t)),
+        (L.build("rkd"), 25.0 * F.rkd_distance(s, t) + 50.0 * F.rkd_angle(s, t)),
         (L.build("rkd", distance_weight=0.5, angle_weight=0.0), 0.5 * F.rkd_distance(s, t)),
         (L.SPLoss(), F.similarity_preserving(s, t)),
         (L.CCLoss(gamma=0.2, order=3), F.correlation_congruence(s, t, gamma=0.2, order=3)),
@@ -156,8 +156,61 @@ def test_scalings_normalised_away(pair):
         torch.testing.assert_close(fn(s @ _rotation(DS, 6), t), fn(s, t), rtol=1e-9, atol=0)
 
 
+# ------------------------------------------------------------------------------------ CC chain
+def test_cc_chain_matches_reference():
+    g = torch.Generator().manual_seed(8)
+    s, t = (torch.randn(6, 5, generator=g, dtype=torch.float64) for _ in range(2))
+    torch.testing.assert_close(F.correlation_chain(s, t), ref.cc_chain(s, t), rtol=RTOL, atol=0)
+    torch.testing.assert_close(F.correlation_chain(s, t, reduction="sum"), 5 * ref.cc_chain(s, t))
+    assert abs(float(F.correlation_chain(s, s.clone()))) == 0.0
+
+
+def test_cc_chain_gradients_reach_both_embeddings():
+    g = torch.Generator().manual_seed(9)
+    s = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(F.correlation_chain, (s, t))
+    s1, t1 = s.detach().clone().requires_grad_(), t.detach().clone().requires_grad_()
+    ref.cc_chain(s1, t1).backward()
+    F.correlation_chain(s, t).backward()
+    torch.testing.assert_close(s.grad, s1.grad, rtol=1e-10, atol=0)
+    torch.testing.assert_close(t.grad, t1.grad, rtol=1e-10, atol=0)
+
+
+def test_cc_chain_module_embeds_both_sides_and_never_reaches_the_teacher(pair):
+    s, t = (x.clone().requires_grad_() for x in pair)
+    torch.manual_seed(0)
+    loss = L.build("cc_chain", student_dim=DS, teacher_dim=DT, feat_dim=3).double()
+    value = loss(s, t)
+    with torch.no_grad():
+        es = s @ loss.embed_s.weight.T + loss.embed_s.bias
+        et = t @ loss.embed_t.weight.T + loss.embed_t.bias
+    torch.testing.assert_close(value, ref.cc_chain(es, et), rtol=RTOL, atol=0)
+    value.backward()
+    assert t.grad is None and s.grad is not None
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in loss.parameters())
+
+
+def test_cc_chain_edge_cases(monkeypatch):
+    import relkd.losses._inputs as inputs
+
+    monkeypatch.setattr(inputs, "_warned", set())
+    s = torch.randn(1, 4, requires_grad=True)
+    with pytest.warns(UserWarning, match="no link"):
+        value = F.correlation_chain(s, torch.randn(1, 4))
+    value.backward()
+    assert value == 0 and torch.equal(s.grad, torch.zeros_like(s))
+    with pytest.raises(ValueError, match="same shape"):
+        F.correlation_chain(torch.randn(3, 4), torch.randn(2, 4))
+    loss = L.CCChainLoss(4, 6)
+    with pytest.raises(ValueError, match="same batch size, got 3 and 2"):
+        loss(torch.randn(3, 4), torch.randn(2, 6))
+    with pytest.raises(ValueError, match="student features with 4 values per sample"):
+        loss(torch.randn(3, 5), torch.randn(3, 6))
+
+
 def test_registry():
-    assert {"kd", "rkd", "sp", "cc", "pkt"} <= set(L.available())
+    assert {"kd", "rkd", "sp", "cc", "cc_chain", "pkt"} <= set(L.available())
     assert isinstance(L.build("cc", gamma=0.1), L.CCLoss)
     with pytest.raises(KeyError, match="Did you mean 'rkd'"):
         L.build("rdk")

@@ -3,6 +3,8 @@ singular vectors, the two-stage protocol (pretrain, freeze, distil), gradients, 
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from svd_cases import known_features, layers
@@ -10,8 +12,10 @@ from svd_cases import known_features, layers
 import relkd.graphs.svd as svd
 import relkd.losses as L
 import relkd.losses._inputs as inputs
-import relkd.losses.mhgd as mhgd_module
 from relkd.losses.mhgd import MHGDLoss, mhgd, mhgd_pretrain
+
+# The module itself: ``relkd.losses.mhgd`` as an attribute is the re-exported function of that name.
+mhgd_module = importlib.import_module("relkd.losses.mhgd")
 
 CHANNELS = [4, 6, 8]
 # (channels, H, W, singular values); the last layer has HW < C. Four distinct values: the student
@@ -77,8 +81,12 @@ def expected_distill(loss, vs, vt, reduction="sum"):
     return total
 
 
-def expected_pretrain(loss, vt):
+def expected_pretrain(loss, vt, head_decay: float = 5e-4):
+    """The heads' objective plus the authors' ``5e-4 * sum(v^2)`` over every head variable."""
     total = 0.0
+    for p in loss.heads.parameters():
+        for v in p.detach().flatten().tolist():
+            total += head_decay * v * v
     for head, front, back in zip(loss.heads, vt, vt[1:], strict=False):
         attn = torch.softmax(attention(head, front, back, True), -1)
         f = torch.relu(linear_bn(front, head.embed, True))
@@ -116,6 +124,20 @@ def test_pretraining_objective_matches_the_closed_form_and_updates_running_stats
     before = loss.heads[0].key.bn.running_mean.clone()
     torch.testing.assert_close(loss.pretrain_loss(t), expected, rtol=1e-9, atol=0)
     assert not torch.equal(loss.heads[0].key.bn.running_mean, before)
+
+
+def test_the_head_penalty_is_a_weight_decay_of_1e_3():
+    _, t, _, _ = features(seeds=(3, 4))
+    loss = randomize(MHGDLoss(teacher_channels=CHANNELS, drop_heads=False), seed=5).eval()
+    loss.pretrain_loss(t).backward()
+    with_penalty = [p.grad.clone() for p in loss.heads.parameters()]
+    loss.zero_grad()
+    mhgd_pretrain(t, loss.heads, drop_heads=False, batch_stats=False).backward()
+    for p, g in zip(loss.heads.parameters(), with_penalty, strict=True):
+        base = p.grad if p.grad is not None else torch.zeros_like(p)
+        torch.testing.assert_close(g - base, 1e-3 * p.detach(), rtol=1e-9, atol=1e-15)
+    free = randomize(MHGDLoss(teacher_channels=CHANNELS, drop_heads=False, head_decay=0.0), seed=5).eval()
+    torch.testing.assert_close(free.pretrain_loss(t), mhgd_pretrain(t, free.heads, False, batch_stats=False))
 
 
 def test_a_single_head_is_never_dropped():
@@ -276,6 +298,8 @@ def test_mismatched_heads_or_channels_say_what_to_do():
     loss.freeze_heads()
     with pytest.raises(ValueError, match="student_channels"):
         loss(s, t)
+    with pytest.raises(ValueError, match="head_decay"):
+        MHGDLoss(head_decay=-1.0)
 
 
 def _rank_worker(rank: int, world: int, init: str, out: str) -> None:

@@ -176,6 +176,7 @@ def test_torchvision_by_name() -> None:
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     assert model.default_taps["penultimate"] == "fc:input"
     assert model.default_taps["stage4"] == "layer4"
+    assert model.default_taps["feature_map"] == "layer4"
 
 
 def test_torchvision_errors() -> None:

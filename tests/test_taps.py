@@ -218,10 +218,66 @@ def expected_stage_sizes(name: str) -> list[int]:
     return [16, 8, 4]  # ShuffleNets: stride-1 stem, each stage opens with a stride-2 unit
 
 
+def repdistiller_feature_map(name: str) -> tuple[int, int, int]:
+    """``feat[-2]`` of RepDistiller's model of that name on 32x32 inputs (github.com/HobbitLong/RepDistiller
+    ``models/*.py``, ``forward(is_feat=True)``), ``(C, H, W)``, from its channel and stride settings."""
+    if name in ("resnet8x4", "resnet32x4"):
+        return (256, 8, 8)  # resnet.py: widths [32, 64, 128, 256], f3 = layer3 (8x8)
+    if name == "resnet50":
+        return (2048, 4, 4)  # resnetv2.py: f4 = layer4, 512 x 4 (Bottleneck) at stride 8
+    if name.startswith("resnet"):
+        return (64, 8, 8)  # resnet.py: widths [16, 16, 32, 64]
+    if name.startswith("wrn"):
+        return (64 * int(name.split("_")[2]), 8, 8)  # wrn.py: f3 = block3 output, 64k channels
+    if name.startswith("vgg"):
+        return (512, 4, 4)  # vgg.py: f4 = relu(block4), 1/8 of the input
+    if name == "mobilenetv2":
+        return (160, 2, 2)  # mobilenetv2.py (mobile_half): f4 = blocks[6], int(320 * 0.5) channels
+    if name == "shufflenetv1":
+        return (960, 4, 4)  # ShuffleNetv1.py: out_planes [240, 480, 960], f3 = layer3
+    return (464, 4, 4)  # ShuffleNetv2.py net_size 1: out_channels (116, 232, 464, 1024), f3 = layer3
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_zoo_feature_map_is_repdistillers_last_map_before_pooling(name: str) -> None:
+    model = models.create(name).eval()
+    with FeatureTaps(model, resolve_taps(model, ["feature_map"])) as taps, torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+        assert tuple(taps["feature_map"].shape) == (2, *repdistiller_feature_map(name))
+
+
+def test_small_models_feature_map() -> None:
+    x = torch.randn(3, 1, 8, 8)
+    lenet = models.create("lenet").eval()
+    with FeatureTaps(lenet, resolve_taps(lenet, ["feature_map", "stage3"])) as taps, torch.no_grad():
+        lenet(x)
+        assert taps["feature_map"].shape == (3, 64, 2, 2)  # stage3, before the 2x2 pool
+        assert torch.equal(taps["feature_map"], taps["stage3"])
+    # An MLP has no spatial map: its feature map is the last hidden layer, the penultimate vector.
+    mlp = models.create("mlp", depth=2).eval()
+    with FeatureTaps(mlp, resolve_taps(mlp, ["feature_map", "penultimate"])) as taps, torch.no_grad():
+        mlp(x)
+        assert taps["feature_map"].shape == (3, 128)
+        assert torch.equal(taps["feature_map"], taps["penultimate"])
+    small = models.create("small_resnet").eval()
+    with FeatureTaps(small, resolve_taps(small, ["feature_map"])) as taps, torch.no_grad():
+        small(x)
+        assert taps["feature_map"].shape == (3, 64, 2, 2)  # layer3, before the global pool
+
+
+def test_torchvision_feature_map_is_the_last_stage_or_the_features() -> None:
+    assert resolve_taps(models.create("torchvision:resnet18"), ["feature_map"]) == {"feature_map": "layer4"}
+    net = models.create("torchvision:mobilenet_v2", num_classes=10).eval()
+    assert resolve_taps(net, ["feature_map"]) == {"feature_map": "features"}
+    with FeatureTaps(net, resolve_taps(net, ["feature_map"])) as taps, torch.no_grad():
+        net(torch.randn(1, 3, 32, 32))
+        assert taps["feature_map"].shape == (1, 1280, 1, 1)  # the last 1x1 conv, before the pool
+
+
 @pytest.mark.parametrize("name", ZOO)
 def test_zoo_default_taps(name: str) -> None:
     model = models.create(name).eval()
-    assert {"penultimate", "stage1", "stage2", "stage3"} <= set(model.default_taps)
+    assert {"penultimate", "feature_map", "stage1", "stage2", "stage3"} <= set(model.default_taps)
     last_linear = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
     with FeatureTaps(model, model.default_taps) as taps, torch.no_grad():
         logits = model(torch.randn(2, 3, 32, 32))

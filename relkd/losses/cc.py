@@ -1,33 +1,55 @@
-r"""Correlation congruence for knowledge distillation.
+r"""Correlation congruence for knowledge distillation: the paper's kernel and the benchmark's chain.
 
-On L2-normalised embeddings ``f``, the Gaussian kernel's P-order Taylor expansion (Eq. 8):
+Peng et al., "Correlation Congruence for Knowledge Distillation", ICCV 2019 (Sec. 3.3-3.4). On
+L2-normalised embeddings ``f``, the Gaussian RBF kernel through its P-order Taylor expansion (Eq. 8):
 
 .. math::
     k(f_i, f_j) = \sum_{p=0}^{P} e^{-2\gamma} \frac{(2\gamma)^p}{p!} (f_i^\top f_j)^p, \qquad
     \mathcal{L}_{CC} = \frac{1}{B^2} \| K_s - K_t \|_F^2
 
-Peng et al., "Correlation Congruence for Knowledge Distillation", ICCV 2019 (Sec. 3.3-3.4): the
-Gaussian RBF with its Taylor expansion, ``gamma = 0.4``, ``P = 2`` (the paper's defaults). The kernel comes
-from :meth:`RelationGraph.kernel` (``"rbf_taylor"``) on the normalised graph, whose Gram matrix is the
-cosine matrix of the raw graph, so no second matrix product is paid. The paper's ``1 / B^2`` scaling
-is kept; the instance-level KD term of the paper's total loss is the separate ``kd`` loss.
+with the paper's ``gamma = 0.4``, ``P = 2`` (:func:`correlation_congruence`, the ``cc`` loss). The
+kernel comes from :meth:`RelationGraph.kernel` (``"rbf_taylor"``) on the normalised graph, whose Gram
+matrix is the cosine matrix of the raw graph, so no second matrix product is paid. The instance-level KD
+term of the paper's total loss is the separate ``kd`` loss.
+
+The CIFAR-100 numbers of the benchmark (Tian et al., ICLR 2020; github.com/HobbitLong/RepDistiller,
+``distiller_zoo/CC.py`` ``Correlation``, code the CC authors shared with RepDistiller's author) come
+from another formula (:func:`correlation_chain`, the ``cc_chain`` loss): both penultimate features go
+through a trainable linear embedding to 128 dimensions (``models/util.py`` ``LinearEmbed``, no
+normalisation; the teacher's embedding is trained too), and with ``\delta_i = |e^s_i - e^t_i|``
+(elementwise)
+
+.. math::
+    \mathcal{L}_{chain} = \frac{1}{B - 1} \sum_{i=1}^{B-1} \sum_d \delta_{i,d} \, \delta_{i+1,d}
+
+a chain over consecutive examples of the (shuffled) batch, with no kernel and no class-aware sampler;
+weight 0.02 (``-a 0 -b 0.02``). Its gradient at weight 0.02 is thousands of times larger than the
+kernel loss's at the same weight, so the ``cc`` method weights the kernel by the factor that gives it the
+chain's gradient scale relative to the cross-entropy at initialisation (measured by
+``benchmarks/cc_calibration.py``; the number and the command are in ``relkd/configs/methods/cc.yaml``).
 
 Shapes:
-    student ``[B, ...]``, teacher ``[B, ...]`` (widths may differ) or RelationGraphs -> scalar.
+    :func:`correlation_congruence`: student ``[B, ...]``, teacher ``[B, ...]`` (widths may differ) or
+    RelationGraphs -> scalar. :func:`correlation_chain`: embeddings ``[B, D]`` on both sides -> scalar.
+    :class:`CCChainLoss`: features ``[B, Ds]``, ``[B, Dt]`` (or ``[B, ...]``) -> scalar.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from relkd._debug import check_finite
+from relkd.distributed import all_gather, global_relations_enabled
 from relkd.graphs import RelationGraph
-from relkd.losses._inputs import graph_pair, reduce
+from relkd.graphs.ops import full_precision
+from relkd.losses._inputs import graph_pair, reduce, warn_once
 from relkd.losses.base import DistillLoss
 from relkd.losses.registry import register
 
-__all__ = ["correlation_congruence", "CCLoss"]
-FUNCTIONAL = ("correlation_congruence",)
+__all__ = ["correlation_congruence", "correlation_chain", "CCLoss", "CCChainLoss"]
+FUNCTIONAL = ("correlation_congruence", "correlation_chain")
 
 Input = torch.Tensor | RelationGraph
 
@@ -43,14 +65,42 @@ def correlation_congruence(
     return reduce(loss, s.num_nodes**2, reduction, "correlation_congruence")
 
 
+def correlation_chain(student: torch.Tensor, teacher: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """RepDistiller's CC: products of the residual magnitudes of consecutive examples, summed over the
+    dimensions; ``"mean"`` averages over the ``B - 1`` links, ``"sum"`` sums them.
+
+    Both arguments keep their gradient: in the benchmark the teacher-side argument is a trainable
+    embedding of the (constant, detached) teacher features, trained through this loss
+    (:class:`CCChainLoss`). A batch of one example has no link: the loss is 0 (with a warning, once).
+    """
+    if student.dim() != 2 or teacher.dim() != 2:
+        raise ValueError(
+            f"correlation_chain: expected embeddings [B, D], got student {tuple(student.shape)} and "
+            f"teacher {tuple(teacher.shape)}"
+        )
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"correlation_chain: expected student and teacher embeddings of the same shape [B, D], got "
+            f"{tuple(student.shape)} and {tuple(teacher.shape)}"
+        )
+    check_finite("correlation_chain", "student input", student)
+    check_finite("correlation_chain", "teacher input", teacher)
+    b = student.shape[0]
+    if b < 2:
+        warn_once("correlation_chain", "correlation_chain: a batch of 1 example has no link; the loss is 0")
+    delta = (student - teacher).abs()
+    links = (delta[:-1] * delta[1:]).sum()
+    return reduce(links / max(b - 1, 1), max(b - 1, 1), reduction, "correlation_chain")
+
+
 @register("cc")
 class CCLoss(DistillLoss):
-    """Module form of :func:`correlation_congruence`.
+    """Module form of :func:`correlation_congruence` (the paper's kernel) on the penultimate features.
 
-    Config::
+    Config (the ``cc`` method: the benchmark's gradient scale, see the module docstring)::
 
         losses:
-          cc: {weight: 0.02, gamma: 0.4, order: 2}
+          cc: {weight: 24.0, gamma: 0.4, order: 2}
     """
 
     accepts_graphs = True
@@ -66,3 +116,59 @@ class CCLoss(DistillLoss):
 
     def extra_repr(self) -> str:
         return f"gamma={self.gamma}, order={self.order}"
+
+
+@register("cc_chain")
+class CCChainLoss(DistillLoss):
+    """RepDistiller's CC (the CIFAR-100 benchmark's): :func:`correlation_chain` between trainable
+    linear embeddings of both networks' penultimate features.
+
+    Args:
+        student_dim, teacher_dim: widths of the penultimate features (filled in by the engine).
+        feat_dim: width of the embeddings (RepDistiller's ``--feat_dim`` 128).
+        reduction: ``"mean"`` over the ``B - 1`` links (the code's) or ``"sum"``.
+
+    ``embed_s`` and ``embed_t`` are plain ``nn.Linear`` layers (PyTorch's default initialisation, as
+    ``LinearEmbed``) and both are trained, ``embed_t`` through this loss alone; the teacher backbone gets
+    no gradient. Under global relations (:mod:`relkd.distributed`) the residuals of every rank are
+    gathered, so the chain runs over the global batch in rank order.
+
+    Config::
+
+        losses:
+          cc_chain: {weight: 0.02, feat_dim: 128}
+    """
+
+    def __init__(
+        self, student_dim: int, teacher_dim: int, feat_dim: int = 128, reduction: str = "mean"
+    ) -> None:
+        super().__init__()
+        self.embed_s = nn.Linear(student_dim, feat_dim)
+        self.embed_t = nn.Linear(teacher_dim, feat_dim)
+        self.reduction = reduction
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        if student.shape[0] != teacher.shape[0]:
+            raise ValueError(
+                f"cc_chain: expected student and teacher with the same batch size, got "
+                f"{student.shape[0]} and {teacher.shape[0]}"
+            )
+        with full_precision(student.device):
+            s = self.embed_s(_flat("student", student, self.embed_s))
+            t = self.embed_t(_flat("teacher", teacher.detach(), self.embed_t))
+            if global_relations_enabled():
+                s, t = all_gather(s), all_gather(t)
+            return correlation_chain(s, t, self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"feat_dim={self.embed_s.out_features}, reduction={self.reduction!r}"
+
+
+def _flat(side: str, x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    x = x.reshape(x.shape[0], -1)
+    if x.shape[1] != linear.in_features:
+        raise ValueError(
+            f"cc_chain: expected {side} features with {linear.in_features} values per sample, got "
+            f"{x.shape[1]}; pass the width of the tapped feature as {side}_dim"
+        )
+    return x.to(linear.weight.dtype)

@@ -9,19 +9,24 @@ memory bank, in both directions, with the NCE loss :math:`\ell_{\text{NCE}}` of
     \mathcal{L} = \ell_{\text{NCE}}\big(e^s_i;\, V^t_i,\, V^t_{n_{i1..iK}};\, Z_s\big)
     + \ell_{\text{NCE}}\big(e^t_i;\, V^s_i,\, V^s_{n_{i1..iK}};\, Z_t\big)
 
-after which ``V^n_i <- normalize(m V^n_i + (1 - m) e^n_i)``. Defaults are the paper's and the authors'
-code (github.com/HobbitLong/RepDistiller, ``crd/``): 128-d, ``tau = 0.07``, ``K = 16384``, ``m = 0.5``,
-``Z = N * mean(exp(s / tau))`` over the first batch's scores, kept in the ``normalizer`` buffer
-(``state_dict`` included) for the rest of training. Differences:
+after which ``V^n_i <- normalize(m V^n_i + (1 - m) e^n_i)``. Defaults are those of the authors' code
+that produced the CIFAR-100 numbers (github.com/HobbitLong/RepDistiller: ``crd/``, ``train_student.py``,
+``dataset/cifar100.py``): 128-d, ``tau = 0.07``, ``K = 16384``, ``m = 0.5``, the positive is the
+anchor's own example (``mode='exact'``), ``Z = N * mean(exp(s / tau))`` over the first batch's scores,
+kept in the ``normalizer`` buffer (``state_dict`` included) for the rest of training; the benchmark's
+weight is 0.8 on top of the cross-entropy (``-a 0 -b 0.8``). Differences:
 
-* negatives are uniform over the dataset by default, as the paper and ``ContrastMemory``'s own
-  sampler; RepDistiller's CIFAR-100 data loader instead draws them from the other classes, which
-  ``exclude_same_class=True`` (with ``targets``) reproduces. Both are drawn on the device with the
-  global torch RNG (see :mod:`relkd.memory.sampling`), not in the data loader;
+* negatives: RepDistiller's CIFAR-100 runs (``dataset/cifar100.py``, ``CIFAR100InstanceSample``, which
+  feeds ``contrast_idx`` to the loss) draw each anchor's ``K`` negatives from the *other classes*,
+  *without replacement* (with replacement only for a class that leaves fewer than ``K``):
+  ``negatives="other_classes"``, the default whenever the labels are known (the engine always passes
+  ``targets``). The paper's and ``ContrastMemory``'s own sampler, uniform over the dataset with
+  replacement, is ``negatives="uniform"``, the default without ``targets``. Both are drawn on the device
+  (see :mod:`relkd.memory.sampling`), not in the data loader;
 * ``bank="queue"`` replaces the ``N x 128`` banks by FIFO queues of ``queue_size`` recent embeddings
-  (MoCo-style) for datasets whose banks would not fit: negatives are then uniform queue slots and an
-  anchor's positive is the other network's current (detached) embedding of the same example;
-  ``momentum`` is unused and the noise prior stays ``1 / N``;
+  (MoCo-style) for datasets whose banks would not fit: negatives are then uniform queue slots
+  (``negatives="uniform"``) and an anchor's positive is the other network's current (detached)
+  embedding of the same example; ``momentum`` is unused and the noise prior stays ``1 / N``;
 * the loss is computed in log space; in ``eval()`` mode no state (banks, ``Z``) changes;
 * under data parallelism with global relations (:mod:`relkd.distributed`) each rank contrasts its own
   anchors (the mean over ranks is the loss of the global batch), ``Z`` is estimated over the global
@@ -53,6 +58,8 @@ from relkd.memory import MemoryBank, NegativeSampler, QueueBank
 __all__ = ["crd", "crd_scores", "CRDLoss"]
 FUNCTIONAL = ("crd",)
 
+# the laws of the negatives: name -> (needs targets, drawn with replacement)
+_NEGATIVES = {"other_classes": (True, False), "uniform": (False, True)}
 # bank kind -> the bank each network gets
 _BANKS = {
     "full": lambda num_data, queue_size, dim, momentum: MemoryBank(num_data, dim, momentum),
@@ -114,10 +121,13 @@ class CRDLoss(DistillLoss):
         num_data: ``N``, the training set size.
         feat_dim: embedding width; num_negatives: ``K``; temperature: ``tau``.
         momentum: bank momentum (full bank only).
-        targets: labels of the training set ``[N]``; used only with ``exclude_same_class=True``.
+        targets: labels of the training set ``[N]`` (the engine passes them); needed by
+            ``negatives="other_classes"``.
         bank: ``"full"`` (one entry per example) or ``"queue"`` (``queue_size`` recent entries).
-        exclude_same_class: draw negatives from the anchor's other classes (needs ``targets`` and a
-            full bank).
+        negatives: ``"other_classes"`` (RepDistiller's CIFAR-100 sampler: ``K`` distinct entries of the
+            anchor's other classes) or ``"uniform"`` (the paper's: uniform over the bank, with
+            replacement; the only law of a ``"queue"`` bank). ``None``: ``"other_classes"`` when
+            ``targets`` hold at least two classes and the bank is full, else ``"uniform"``.
 
     ``forward(..., negatives=None)`` draws the negatives; pass ``[B, K]`` indices to fix them.
 
@@ -142,20 +152,37 @@ class CRDLoss(DistillLoss):
         targets: torch.Tensor | None = None,
         bank: str = "full",
         queue_size: int = 65536,
-        exclude_same_class: bool = False,
+        negatives: str | None = None,
     ) -> None:
         super().__init__()
         if bank not in _BANKS:
             raise ValueError(f"crd: bank must be one of {sorted(_BANKS)}, got {bank!r}")
-        if exclude_same_class and (targets is None or bank != "full"):
-            raise ValueError("crd: exclude_same_class needs targets and bank='full'")
+        if negatives is None:
+            labelled = targets is not None and torch.as_tensor(targets).unique().numel() > 1
+            negatives = "other_classes" if labelled and bank == "full" else "uniform"
+        if negatives not in _NEGATIVES:
+            raise ValueError(f"crd: negatives must be one of {sorted(_NEGATIVES)}, got {negatives!r}")
+        by_class, replacement = _NEGATIVES[negatives]
+        if by_class and targets is None:
+            raise ValueError(
+                "crd: negatives='other_classes' draws from the anchor's other classes and needs the "
+                "labels of the training set as targets; pass targets, or negatives='uniform'"
+            )
+        if by_class and bank != "full":
+            raise ValueError(
+                f"crd: a {bank!r} bank has no entry per example, so its negatives cannot exclude a class; "
+                "pass negatives='uniform'"
+            )
         self.num_data, self.num_negatives, self.temperature = num_data, num_negatives, temperature
         self.bank = bank
         self.embed_s = Embed(student_dim, feat_dim)
         self.embed_t = Embed(teacher_dim, feat_dim)
         self.student_bank = _BANKS[bank](num_data, queue_size, feat_dim, momentum)
         self.teacher_bank = _BANKS[bank](num_data, queue_size, feat_dim, momentum)
-        self.sampler = NegativeSampler(self.student_bank.num_entries, targets if exclude_same_class else None)
+        self.negatives = negatives
+        self.sampler = NegativeSampler(
+            self.student_bank.num_entries, targets if by_class else None, replacement=replacement
+        )
         # (Z_s, Z_t); negative means "not set yet": the first training batch sets it.
         self.register_buffer("normalizer", torch.full((2,), -1.0))
 
@@ -220,5 +247,5 @@ class CRDLoss(DistillLoss):
     def extra_repr(self) -> str:
         return (
             f"num_data={self.num_data}, num_negatives={self.num_negatives}, "
-            f"temperature={self.temperature}, bank={self.bank!r}"
+            f"temperature={self.temperature}, bank={self.bank!r}, negatives={self.negatives!r}"
         )

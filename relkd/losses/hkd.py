@@ -32,8 +32,9 @@ CRD takes them from the other network's bank, ``"other"``). Where we differ:
 * TAG is torch-geometric's: with unweighted edges both libraries normalise by the in-degree ``k``, so
   the hop is the mean over the ``k`` neighbours, as in DGL; the initialisation differs (one Linear per
   hop and a zero bias, where DGL has one Linear over the concatenated hops);
-* negatives are drawn on the device with replacement (the code draws them without replacement in the
-  data loader), see :mod:`relkd.memory.sampling`;
+* negatives are drawn on the device (:mod:`relkd.memory.sampling`), not in the data loader; the law is
+  the code's: ``K`` distinct entries of the anchor's other classes (with replacement only for a class
+  that leaves fewer than ``K``);
 * banks are updated on every training step, also when ``B < k`` (the code returns before the update);
   in ``eval()`` mode the loss is computed and no state changes;
 * normalisation divides by ``max(||x||, 1e-12)`` (the code divides by ``||x||``); ``B = 1`` works.
@@ -41,6 +42,11 @@ CRD takes them from the other network's bank, ``"other"``). Where we differ:
   run over the global batch (``B`` above is the global batch size) while each rank contrasts its own
   anchors (the mean over ranks is the loss of the global batch); the banks are updated with every
   rank's embeddings and indices, so they stay identical on every rank.
+
+The published recipe (``scripts/run_cifar_distill.sh``, ``run.sh`` and the README of the code: ``-a 1 -b 3
+--mode hkd``) adds this loss with weight 3 to the cross-entropy *and* Hinton KD (weight 1, ``T = 4``);
+the ``hkd`` method of relkd does the same, and the table's "HKD" row without KD is its ``kd`` weight set
+to 0.
 
 Trainable parts (the two projections ``embed_s``/``embed_t`` and the two encoders ``gnn_s``/``gnn_t``)
 are submodules: optimise ``student.parameters()`` together with ``loss.parameters()``. The teacher
@@ -159,10 +165,11 @@ class HKDLoss(DistillLoss):
 
     ``forward(..., negatives=None)`` draws the negatives; pass ``[B, K]`` indices to fix them.
 
-    Config::
+    Config (the published recipe, HKD + KD)::
 
         losses:
           hkd: {weight: 3.0}
+          kd: {weight: 1.0, T: 4.0}
     """
 
     taps = ("penultimate", "logits")

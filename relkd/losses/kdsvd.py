@@ -2,7 +2,7 @@ r"""Self-supervised knowledge distillation using singular value decomposition (K
 
 Each tapped feature map ``[B, C, H, W]`` is read as an ``HW x C`` matrix per sample; its leading right
 singular vectors are the layer's distilled feature vectors. The student's vectors are aligned to the
-teacher's (largest ``|cos|`` among ``k + 1`` candidates, sign-corrected), both are weighted by the
+teacher's (largest ``|cos|`` among ``k + 3`` candidates, sign-corrected), both are weighted by the
 teacher's L2-normalised singular values, and consecutive layers are related by a bipartite RBF graph
 over the entries of their vectors (:func:`relkd.graphs.svd.rbf_correlation`):
 
@@ -12,9 +12,15 @@ over the entries of their vectors (:func:`relkd.graphs.svd.rbf_correlation`):
     - G^{(l),t}_{b,k,i,j}\big)^2
 
 Lee, Kim & Song, "Self-supervised Knowledge Distillation Using Singular Value Decomposition",
-ECCV 2018. Defaults follow the authors' code (github.com/sseung0703/SSKD_SVD, ``nets/Distillation.py``,
-and its successor sseung0703/KD_methods_with_TF): ``k = 1`` vector per layer, ``k + 1`` student
-candidates, ``sigma = 8``, a plain sum (``reduction="sum"``). Where we differ, and why:
+ECCV 2018. Defaults follow the authors' CIFAR-100 code, github.com/sseung0703/KD_methods_with_TF
+(``nets/Shared.py`` ``KD_SVD``, ``nets/SVP.py``, ``op_util.py``, ``train_w_distill.py``; the KD-SVD row
+of its README): the last block of each stage tapped, ``k = 1`` vector per layer, ``k + 3 = 4`` student
+candidates (``extra_candidates=3``; RepDistiller's port ``distiller_zoo/KDSVD.py`` also takes ``k + 3``),
+``sigma = 8``, a plain sum over the batch (``reduction="sum"``), weight 1 next to the cross-entropy,
+and the distillation gradient clipped to the cross-entropy's, ramped by ``sigmoid(epoch)`` (the
+method's ``train: {clip_to_ce: true, clip_to_ce_ramp: sigmoid}``). The paper and the original ECCV code
+(github.com/sseung0703/SSKD_SVD ``nets/Distillation.py``) take ``k + 1`` candidates:
+``extra_candidates=1``. Where we differ, and why:
 
 - Sign: the ECCV code flips the *teacher's* vector towards the student's; we flip the student's
   (as KD_methods_with_TF does), so a sign flip of a student vector cannot change the loss, and fix the
@@ -24,9 +30,9 @@ candidates, ``sigma = 8``, a plain sum (``reduction="sum"``). Where we differ, a
   follow, sample by sample. We bound ``1 / (s_i^2 - s_j^2)`` instead
   (:func:`relkd.graphs.svd.truncated_svd`), so no sample is dropped and ties give finite gradients.
 - Scale: the ECCV code uses ``tf.nn.l2_loss`` (half the sum) times ``sqrt(k)``; KD_methods_with_TF
-  uses the plain sum, which we follow. ``reduction="mean"`` averages each layer pair's graph entries
-  instead (then sums over pairs). The authors clip the distillation gradient to the norm of the
-  cross-entropy gradient in their trainer; that is the engine's business, not the loss's.
+  uses the plain sum, which we follow; RepDistiller divides it by the batch size. ``reduction="mean"``
+  averages each layer pair's graph entries instead (then sums over pairs). The gradient clipping is the
+  engine's business (``train.clip_to_ce``), not the loss's.
 - Channels: the paper pairs layers with equal student and teacher widths. When they differ, pass
   ``student_channels`` and ``teacher_channels``: a trainable 1x1 convolution + batch norm maps the
   student's feature map to the teacher's width (as the authors' TF2 code does), and is a submodule of
@@ -149,22 +155,30 @@ def kd_svd(
     sigma: float = 8.0,
     reduction: str = "sum",
     eps: float = 1e-4,
+    extra_candidates: int = 3,
 ) -> torch.Tensor:
     """KD-SVD loss between lists of feature maps (see the module docstring for the formula).
 
     Args:
         student, teacher: ``L >= 2`` feature maps each, same batch size and channels per layer.
-        k: singular vectors distilled per layer; the student offers ``k + 1`` candidates.
+        k: singular vectors distilled per layer.
         sigma: RBF width, ``exp(-d^2 / sigma)``.
         reduction: ``"sum"`` (authors) or ``"mean"`` over each pair's graph entries, summed over pairs.
         eps: relative bound on the SVD backward (:func:`relkd.graphs.svd.truncated_svd`).
+        extra_candidates: the student offers its top ``k + extra_candidates`` vectors (at most its
+            rank) to be aligned with the teacher's ``k``: 3 in the authors' CIFAR-100 code, 1 in the
+            paper.
     """
     if k < 1:
         raise ValueError(f"kd_svd: k must be >= 1, got {k}")
+    if extra_candidates < 0:
+        raise ValueError(f"kd_svd: extra_candidates must be >= 0, got {extra_candidates}")
     check_feature_lists("kd_svd", student, teacher)
+    candidates = k + extra_candidates
     with ops.full_precision(student[0].device):
         layers = [
-            aligned_singular_vectors(s, t, k, k + 1, eps=eps) for s, t in zip(student, teacher, strict=True)
+            aligned_singular_vectors(s, t, k, candidates, eps=eps)
+            for s, t in zip(student, teacher, strict=True)
         ]
         total = None
         for (vs_f, vt_f, st_f), (vs_b, vt_b, st_b) in zip(layers, layers[1:], strict=False):
@@ -189,10 +203,11 @@ class KDSVDLoss(DistillLoss):
     The connectors (built only when ``student_channels`` and ``teacher_channels`` differ somewhere) are
     trainable submodules: the engine optimises them with the student through ``loss.parameters()``.
 
-    Config::
+    Config (the authors' CIFAR-100 recipe)::
 
         losses:
-          kd_svd: {weight: 1.0, k: 1, sigma: 8.0}
+          kd_svd: {weight: 1.0, k: 1, sigma: 8.0, extra_candidates: 3}
+        train: {clip_to_ce: true, clip_to_ce_ramp: sigmoid}
     """
 
     taps = ("stage1", "stage2", "stage3")
@@ -205,11 +220,15 @@ class KDSVDLoss(DistillLoss):
         teacher_channels: Sequence[int] | None = None,
         reduction: str = "sum",
         eps: float = 1e-4,
+        extra_candidates: int = 3,
     ) -> None:
         super().__init__()
         if k < 1:
             raise ValueError(f"kd_svd: k must be >= 1, got {k}")
+        if extra_candidates < 0:
+            raise ValueError(f"kd_svd: extra_candidates must be >= 0, got {extra_candidates}")
         self.k, self.sigma, self.reduction, self.eps = k, sigma, reduction, eps
+        self.extra_candidates = extra_candidates
         self.connectors = build_connectors(student_channels, teacher_channels)
 
     def forward(self, student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -220,7 +239,11 @@ class KDSVDLoss(DistillLoss):
             sigma=self.sigma,
             reduction=self.reduction,
             eps=self.eps,
+            extra_candidates=self.extra_candidates,
         )
 
     def extra_repr(self) -> str:
-        return f"k={self.k}, sigma={self.sigma}, reduction={self.reduction!r}"
+        return (
+            f"k={self.k}, sigma={self.sigma}, extra_candidates={self.extra_candidates}, "
+            f"reduction={self.reduction!r}"
+        )

@@ -22,14 +22,29 @@ attention-weighted front-layer vectors of the batch,
     \mathcal{L}_{\text{pre}} = \sum_l \frac{1}{B} \sum_i \big(1 - \hat v^{(l+1)}_i \cdot v^{(l+1)}_i\big)
 
 where ``m_{h,i}`` drops about half of the heads at random per sample (kept where a standard normal draw
-exceeds its mean over the heads). Then the heads are frozen and the student distils through them.
+exceeds its mean over the heads). The heads' own objective adds ``head_decay * sum(theta^2)`` over
+every head parameter ``theta`` (:meth:`MHGDLoss.pretrain_loss`). Then the heads are frozen and the
+student distils through them.
 
 Lee & Song, "Graph-based Knowledge Distillation by Multi-head Attention Network", BMVC 2019. Defaults
-follow the authors' code (github.com/sseung0703/KD_methods_with_TF ``nets/Relation.py`` and
-Knowledge_distillation_via_TF2.0 ``nets/Relation.py``): 8 heads, teacher top-1 vector, student top-4
-candidates, batch-norm running statistics in the distillation graph, ``KL(student || teacher)`` (the
-student's distribution first, as their ``kld_loss(G_S, G_T)``), a plain sum (``reduction="sum"``;
-``"mean"`` averages over the ``H * B`` rows). Where we differ, and why:
+follow the authors' CIFAR-100 code (github.com/sseung0703/KD_methods_with_TF ``nets/Relation.py``,
+``op_util.py`` ``Optimizer_w_MHGD``, ``train_w_distill.py``; the MHGD row of its README): 8 heads, the
+last block of each stage tapped, teacher top-1 vector, student top-4 candidates, batch-norm running
+statistics in the distillation graph, ``KL(student || teacher)`` (the student's distribution first, as
+their ``kld_loss(G_S, G_T)``), a plain sum (``reduction="sum"``; ``"mean"`` averages over the
+``H * B`` rows), weight 1 next to the cross-entropy. Their recipe around the loss, which the ``mhgd``
+method reproduces:
+
+- the heads train alone for ``init_epoch = 40`` epochs first (SGD, Nesterov momentum 0.9, lr 0.1,
+  constant), on ``mha_loss + 5e-4 * sum(v^2)`` over the heads' weights, biases and batch-norm scales
+  and shifts (``head_decay=5e-4``; its gradient ``1e-3 v`` is an SGD weight decay of 1e-3, so the
+  heads' optimiser has none of its own);
+- then the student trains with the heads frozen, its distillation gradient clipped per variable to
+  the cross-entropy gradient's norm times ``sigmoid(epoch - init_epoch)``, ``epoch`` the integer epoch
+  counted from the start of head training, i.e. ``sigmoid(e)`` with ``e`` the 0-based epoch of the
+  distillation stage (``train: {clip_to_ce: true, clip_to_ce_ramp: sigmoid}``).
+
+Where we differ, and why:
 
 - The teacher's vector gets a canonical sign (:func:`relkd.graphs.svd.canonical_sign`); the authors use
   whatever their SVD returns, which makes the teacher graph depend on arbitrary per-sample signs.
@@ -40,8 +55,7 @@ student's distribution first, as their ``kld_loss(G_S, G_T)``), a plain sum (``r
 - A batch of one sample cannot give batch statistics: pretraining then uses the running statistics.
 - Under global relations (:mod:`relkd.distributed`) the vectors are gathered from every rank, so the
   graphs (and the heads' batch statistics in pretraining) span the global batch.
-- The authors clip the distillation gradient to the norm of the cross-entropy gradient and train the
-  heads with weight decay 5e-4; both belong to the engine's optimiser.
+- The gradient clipping belongs to the engine (``train.clip_to_ce``), not to the loss.
 
 Shapes:
     student, teacher: lists of ``L >= 2`` feature maps ``[B, C_l, *spatial_l]`` -> scalar.
@@ -223,8 +237,9 @@ class MHGDLoss(DistillLoss):
     The engine runs two stages (``pretrain = True``):
 
     1. Pretrain the heads on the teacher. Optimise ``loss.heads.parameters()`` (the authors: 40
-       epochs, SGD with Nesterov momentum 0.9, lr 0.1, weight decay 5e-4); each step, with the
-       teacher in eval mode and the loss module in train mode (batch-norm statistics)::
+       epochs, SGD with Nesterov momentum 0.9, lr 0.1, no weight decay besides ``head_decay``); each
+       step, with the teacher in eval mode and the loss module in train mode (batch-norm
+       statistics)::
 
            loss.pretrain_step(teacher_feats, batch).backward()  # teacher_feats: {tap: tensor}
 
@@ -237,10 +252,19 @@ class MHGDLoss(DistillLoss):
     are built from ``teacher_channels``; without it they are built on the first call from the
     teacher's feature shapes, so the head optimiser must be created after that call.
 
-    Config::
+    Args:
+        student_channels, teacher_channels: channels of each tapped layer (connectors where they
+            differ; the heads are built from the teacher's).
+        num_heads: attention heads per layer pair; candidates: student vectors offered to the
+            alignment; reduction: ``"sum"`` or ``"mean"``; drop_heads: random head dropping in
+            pretraining; eps: relative bound on the SVD backward.
+        head_decay: ``lambda`` of the penalty ``lambda * sum(theta^2)`` that :meth:`pretrain_loss` adds
+            over the head parameters (the authors' 5e-4).
+
+    Config (the authors' recipe; the ``mhgd`` method adds the stages and the clipping)::
 
         losses:
-          mhgd: {weight: 1.0, num_heads: 8}
+          mhgd: {weight: 1.0, num_heads: 8, head_decay: 5.0e-4}
     """
 
     taps = ("stage1", "stage2", "stage3")
@@ -255,12 +279,15 @@ class MHGDLoss(DistillLoss):
         reduction: str = "sum",
         drop_heads: bool = True,
         eps: float = 1e-4,
+        head_decay: float = 5e-4,
     ) -> None:
         super().__init__()
         if num_heads < 1 or candidates < 1:
             raise ValueError(f"mhgd: num_heads and candidates must be >= 1, got {num_heads} and {candidates}")
+        if head_decay < 0:
+            raise ValueError(f"mhgd: head_decay must be >= 0, got {head_decay}")
         self.num_heads, self.candidates, self.reduction = num_heads, candidates, reduction
-        self.drop_heads, self.eps = drop_heads, eps
+        self.drop_heads, self.eps, self.head_decay = drop_heads, eps, head_decay
         self.connectors = build_connectors(student_channels, teacher_channels)
         self.heads = nn.ModuleList()
         self._frozen = False
@@ -286,11 +313,15 @@ class MHGDLoss(DistillLoss):
         self._frozen = True
 
     def pretrain_loss(self, teacher: Sequence[torch.Tensor]) -> torch.Tensor:
-        """:func:`mhgd_pretrain` on the teacher's stage features, batch statistics in train mode."""
+        """:func:`mhgd_pretrain` on the teacher's stage features (batch statistics in train mode) plus
+        ``head_decay * sum(theta^2)`` over the head parameters."""
         if self._frozen:
             raise RuntimeError("mhgd: the heads are frozen; pretrain before calling freeze_heads()")
         self._ensure_heads(teacher)
-        return mhgd_pretrain(teacher, self.heads, self.drop_heads, batch_stats=self.training, eps=self.eps)
+        loss = mhgd_pretrain(teacher, self.heads, self.drop_heads, batch_stats=self.training, eps=self.eps)
+        if self.head_decay:
+            loss = loss + self.head_decay * sum(p.square().sum() for p in self.heads.parameters())
+        return loss
 
     def pretrain_step(
         self, teacher: Mapping[str, Any], batch: Mapping[str, Any] | None = None
@@ -325,6 +356,6 @@ class MHGDLoss(DistillLoss):
 
     def extra_repr(self) -> str:
         return (
-            f"num_heads={self.num_heads}, candidates={self.candidates}, "
+            f"num_heads={self.num_heads}, candidates={self.candidates}, head_decay={self.head_decay}, "
             f"reduction={self.reduction!r}, heads_frozen={self._frozen}"
         )

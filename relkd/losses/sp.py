@@ -9,6 +9,11 @@ batch Gram matrix is L2-normalised (a zero row stays zero, as with the authors' 
 applies it to each chosen layer's activations flattened per sample; pass ``[B, C, H, W]`` maps as they
 are. The loss is invariant to a common scaling of the features.
 
+Defaults follow the CIFAR-100 benchmark (github.com/HobbitLong/RepDistiller ``distiller_zoo/SP.py``,
+"verified by original author", called from ``helper/loops.py`` on ``feat[-2]`` with ``-a 0 -b 3000``):
+one layer pair, the last stage's feature map before global pooling (``[B, 256, 8, 8]`` for resnet32x4
+and resnet8x4), which every zoo model exposes as the tap ``feature_map``; weight 3000.
+
 Shapes:
     student ``[B, ...]``, teacher ``[B, ...]`` (widths may differ) or RelationGraphs -> scalar.
 """
@@ -45,14 +50,15 @@ def similarity_preserving(student: Input, teacher: Input, reduction: str = "mean
 
 @register("sp")
 class SPLoss(DistillLoss):
-    """Module form of :func:`similarity_preserving`. The paper's CIFAR weight is 3000.
+    """Module form of :func:`similarity_preserving`, reading the last stage's map before pooling.
 
-    Config::
+    Config (the CIFAR-100 benchmark)::
 
         losses:
-          sp: {weight: 3000.0}
+          sp: {weight: 3000.0, taps: [feature_map]}
     """
 
+    taps = ("feature_map",)
     accepts_graphs = True
 
     def __init__(self, reduction: str = "mean") -> None:

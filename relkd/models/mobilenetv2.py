@@ -86,6 +86,7 @@ class MobileNetV2(nn.Module):
         "stage2": "blocks.2",
         "stage3": "blocks.4",
         "stage4": "blocks.6",
+        "feature_map": "blocks.6",  # as RepDistiller's feat[-2]: before the 1x1 conv2 and the pool
         "penultimate": "classifier:input",
     }
 

@@ -70,6 +70,7 @@ class BottleneckResNet(nn.Module):
         "stage2": "layer2",
         "stage3": "layer3",
         "stage4": "layer4",
+        "feature_map": "layer4",
         "penultimate": "linear:input",
     }
 

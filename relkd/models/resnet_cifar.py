@@ -73,6 +73,7 @@ class CifarResNet(nn.Module):
         "stage1": "layer1",
         "stage2": "layer2",
         "stage3": "layer3",
+        "feature_map": "layer3",
         "penultimate": "fc:input",
     }
 

@@ -80,6 +80,7 @@ class ShuffleNetV1(nn.Module):
         "stage1": "layer1",
         "stage2": "layer2",
         "stage3": "layer3",
+        "feature_map": "layer3",
         "penultimate": "linear:input",
     }
 

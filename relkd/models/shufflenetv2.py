@@ -94,6 +94,7 @@ class ShuffleNetV2(nn.Module):
         "stage1": "layer1",
         "stage2": "layer2",
         "stage3": "layer3",
+        "feature_map": "layer3",  # as RepDistiller's feat[-2]: before the 1x1 conv2 and the pool
         "penultimate": "linear:input",
     }
 

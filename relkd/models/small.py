@@ -54,6 +54,8 @@ class MLP(nn.Module):
         )
         self.fc = nn.Linear(width, num_classes)
         self.default_taps = {f"stage{i + 1}": f"layers.{i}" for i in range(depth)}
+        # No spatial map: the last hidden layer stands for it (the same vector as the penultimate tap).
+        self.default_taps["feature_map"] = f"layers.{depth - 1}"
         self.default_taps["penultimate"] = "fc:input"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -80,6 +82,7 @@ class LeNet(nn.Module):
         "stage1": "stage1",
         "stage2": "stage2",
         "stage3": "stage3",
+        "feature_map": "stage3",
         "penultimate": "fc:input",
     }
 

@@ -74,10 +74,16 @@ def infer_default_taps(model: nn.Module) -> dict[str, str]:
 
     ``penultimate`` is the input of the last ``nn.Linear`` in registration order (the classifier of
     torchvision models and of most user models); ``stage1`` .. ``stage4`` are the children
-    ``layer1`` .. ``layer4`` of ResNet-like models. Names that cannot be inferred are left out.
+    ``layer1`` .. ``layer4`` of ResNet-like models, and ``feature_map`` (the last map before pooling)
+    the last of them, or else a child named ``features`` (torchvision's VGG, MobileNets, EfficientNets,
+    DenseNets). Names that cannot be inferred are left out.
     """
     children = dict(model.named_children())
     taps = {f"stage{i}": f"layer{i}" for i in range(1, 5) if f"layer{i}" in children}
+    if taps:
+        taps["feature_map"] = taps[max(taps)]
+    elif "features" in children:
+        taps["feature_map"] = "features"
     linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if linears:
         taps["penultimate"] = f"{linears[-1]}:input"

@@ -67,6 +67,7 @@ class VGG(nn.Module):
         "stage2": "block2",
         "stage3": "block3",
         "stage4": "block4",
+        "feature_map": "block4",
         "penultimate": "classifier:input",
     }
 

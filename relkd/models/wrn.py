@@ -85,6 +85,7 @@ class WideResNet(nn.Module):
         "stage1": "block1",
         "stage2": "block2",
         "stage3": "block3",
+        "feature_map": "block3",  # as RepDistiller's feat[-2]: before the final BN-ReLU
         "penultimate": "fc:input",
     }
 
