@@ -31,6 +31,7 @@ LOSS_KWARGS: dict[str, Callable[[], dict[str, Any]]] = {
     "mhgd": lambda: {"teacher_channels": [c for c, *_ in STAGES]},
     "fitnet": lambda: {"student_shape": STAGES[1], "teacher_shape": STAGES[1]},
     "sskd": lambda: {"student_dim": D, "teacher_dim": D},
+    "cc_chain": lambda: {"student_dim": D, "teacher_dim": D},
     "mgd": lambda: {"student_dim": D, "teacher_dim": D, "num_classes": CLASSES},
     "arcface": lambda: {"student_dim": D, "num_classes": CLASSES},
     "lce": lambda: {"student_dim": D, "teacher_dim": D, "num_classes": CLASSES},

@@ -36,6 +36,7 @@ __all__ = ["check_suite"]
 AMP = (None, "bf16", "fp16")
 CLIP_RAMPS = (None, "sigmoid")
 STAGE_BATCHES = ("train", "labelled_once")
+MODEL_ARGS_FROM_DATA = ("num_classes", "in_channels", "in_shape")
 STAGE_TERM_KEYS = {"weight": float, "call": str, "network": str}
 # component -> (its registry, the arguments the engine passes itself)
 COMPONENTS = {
@@ -73,7 +74,7 @@ def check_suite(config: SuiteConfig) -> None:
         raise ConfigError("student: missing; give the network to train, e.g. student: {model: lenet}")
     for name, student in config.students.items():
         _check_network_name(f"students.{name}", name)
-        _check_model(f"students.{name}", student.model)
+        _check_model(f"students.{name}", student.model, student.args)
     _check_train("train", config.train)
     for name, teacher in config.teachers.items():
         _check_network_name(f"teachers.{name}", name)
@@ -125,6 +126,14 @@ def _check_component(path: str, spec: Mapping[str, Any], registry: Registry, ski
     check_kwargs(path, options, fn)
 
 
+def _check_optimizers(path: str, optimizers: Mapping[str, Any], main: Mapping[str, Any] | None) -> None:
+    for module, options in optimizers.items():
+        spec = dict(options or {})
+        if "name" not in spec:
+            spec["name"] = (main or {}).get("name", "sgd")
+        _check_component(join(path, module), spec, *COMPONENTS["optimizer"])
+
+
 def _check_data(path: str, data: DataConfig) -> None:
     constructor = _check_name(join(path, "name"), data.name, datasets.DATASETS)
     check_kwargs(join(path, "options"), data.options, constructor, skip=("root", "augment"))
@@ -159,7 +168,7 @@ def _check_data(path: str, data: DataConfig) -> None:
             )
 
 
-def _check_model(path: str, name: str) -> None:
+def _check_model(path: str, name: str, args: Mapping[str, Any] | None = None) -> None:
     if not name:
         raise ConfigError(f"{path}.model: missing; name a model (`relkd list models`)")
     if name.startswith("torchvision:"):
@@ -175,6 +184,8 @@ def _check_model(path: str, name: str) -> None:
             f"{path}.model: unknown model {name!r}.{suggest(name.lower(), models.MODELS.available())} "
             "`relkd list models` shows every model; torchvision models are named torchvision:<name>"
         )
+    if args:
+        check_kwargs(f"{path}.args", args, models.MODELS.get(name), skip=MODEL_ARGS_FROM_DATA)
 
 
 def _check_network_name(path: str, name: str) -> None:
@@ -186,7 +197,7 @@ def _check_network_name(path: str, name: str) -> None:
 
 
 def _check_teacher(path: str, teacher: TeacherConfig, config: SuiteConfig) -> None:
-    _check_model(path, teacher.model)
+    _check_model(path, teacher.model, teacher.args)
     _check_data(f"{path}.data", teacher.data)
     _check_train(f"{path}.train", teacher.train)
     if teacher.method is not None:
@@ -208,6 +219,7 @@ def _check_train(path: str, train: TrainConfig) -> None:
         )
     for key, (registry, filled_in) in COMPONENTS.items():
         _check_component(join(path, key), getattr(train, key), registry, filled_in)
+    _check_optimizers(join(path, "optimizers"), train.optimizers, train.optimizer)
     if train.clip_to_ce_ramp not in CLIP_RAMPS:
         raise ConfigError(
             f"{path}.clip_to_ce_ramp: expected one of {', '.join(map(str, CLIP_RAMPS))}, "
@@ -222,7 +234,7 @@ def _check_method(path: str, method: MethodConfig, config: SuiteConfig, trains_t
     teachers = [] if trains_teacher else list(method.teachers or {})
     for name, student in ({} if trains_teacher else method.students or {}).items():
         _check_network_name(f"{path}.students.{name}", name)
-        _check_model(f"{path}.students.{name}", student.model)
+        _check_model(f"{path}.students.{name}", student.model, student.args)
     for name in teachers:
         _check_network_name(f"{path}.teachers.{name}", name)
     clash = set(students) & set(teachers)
@@ -312,6 +324,8 @@ def _check_stage(path: str, stage: StageConfig, classes: Mapping[str, type], net
     for key in ("optimizer", "schedule"):
         if getattr(stage, key) is not None:
             _check_component(join(path, key), getattr(stage, key), *COMPONENTS[key])
+    if stage.optimizers is not None:
+        _check_optimizers(join(path, "optimizers"), stage.optimizers, stage.optimizer)
     if stage.step is not None:
         _check_component(join(path, "step"), stage.step, STEPS, ())
     if stage.batches not in STAGE_BATCHES:

@@ -2,8 +2,8 @@
 
 ``methods`` may be:
 
-* ``all``: every built-in method (``relkd/configs/methods/*.yaml``) whose losses are registered;
-  the others are skipped with a note;
+* ``all``: every built-in method (``relkd/configs/methods/*.yaml``); a built-in method whose loss is
+  not registered is an error (every built-in loss registers itself on import of ``relkd.losses``);
 * a list of built-in names or YAML paths: ``[baseline, kd, my_methods/fancy.yaml]``;
 * a mapping ``{name: value}`` where the value is a built-in name or YAML path, null (the built-in
   method of that name), or a method mapping, which may start from another with ``extends: kd``.
@@ -81,10 +81,10 @@ def expand_methods(methods: Any, base_dir: Path | None = None) -> tuple[dict[str
             method = load_method(name, f"methods.{name}")
             missing = missing_losses(method)
             if missing:
-                notes.append(
-                    f"method {name!r} skipped: loss {', '.join(map(repr, missing))} is not registered"
+                raise ConfigError(
+                    f"methods: the built-in method {name!r} needs the loss {', '.join(map(repr, missing))}, "
+                    "which is not registered: the relkd installation is incomplete (reinstall it)"
                 )
-                continue
             out[name] = method
         return out, notes
     if isinstance(methods, str):

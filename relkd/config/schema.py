@@ -87,6 +87,10 @@ class TrainConfig:
     Attributes:
         epochs: passes over the training data (of the main stage, when a method has stages).
         optimizer: ``{name, **options}`` of a registered optimiser (``sgd``, ``adam``, ``adamw``).
+        optimizers: optimisers of their own for some modules, ``{module path: {options}}``: their
+            parameters leave the main optimiser; the options are merged over ``optimizer``'s (a
+            different ``name`` starts from that optimiser's defaults), e.g.
+            ``{steps.0.decoders: {name: adam, lr: 1.0e-3}}``. Each follows the stage's schedule.
         schedule: ``{name, **options}`` of a registered learning-rate schedule (``constant``,
             ``multistep``, ``cosine``, ``step``), stepped once per epoch.
         warmup_epochs: linear warm-up from 1% of the learning rate over this many epochs.
@@ -106,6 +110,7 @@ class TrainConfig:
     optimizer: dict[str, Any] = field(
         default_factory=lambda: {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}
     )
+    optimizers: dict[str, dict[str, Any]] = field(default_factory=dict)
     schedule: dict[str, Any] = field(default_factory=lambda: {"name": "constant"})
     warmup_epochs: int = 0
     ce_weight: float = 1.0
@@ -130,7 +135,7 @@ class StageConfig:
         trainable: modules optimised, as paths: a network (``student``), ``loss`` (every loss
             module) or a part (``loss.mhgd.heads``); null is every student and every loss.
         frozen: modules excluded from ``trainable`` and put in eval mode during this stage.
-        optimizer, schedule, warmup_epochs: this stage's, null for the recipe's.
+        optimizer, optimizers, schedule, warmup_epochs: this stage's, null for the recipe's.
         after: methods called when the stage ends, as paths (``loss.mhgd.freeze_heads``), whose
             arguments may name modules (``loss.lce.arcface.copy_to(student.fc)``); what they change
             must live in the module's ``state_dict`` so that resuming restores it.
@@ -153,6 +158,7 @@ class StageConfig:
     trainable: list[str] | None = None
     frozen: list[str] = field(default_factory=list)
     optimizer: dict[str, Any] | None = None
+    optimizers: dict[str, dict[str, Any]] | None = None
     schedule: dict[str, Any] | None = None
     warmup_epochs: int | None = None
     after: list[str] = field(default_factory=list)

@@ -24,6 +24,7 @@ from torch import nn
 from relkd import distributed as D
 from relkd.config import MethodConfig, SuiteConfig, to_data
 from relkd.evaluation import build_evaluator
+from relkd.experiment.preflight import preflight
 from relkd.experiment.rundir import RunDir
 from relkd.experiment.setup import (
     build_model,
@@ -119,7 +120,7 @@ def run_teacher(
         terms=specs,
         eval_loaders={"train": make_eval_loader(bundle, spec.data, device)},
         num_data=bundle.num_train,
-        targets=bundle.train_targets,
+        targets=known_targets(bundle),
         num_classes=bundle.num_classes,
         probe=probe_inputs(bundle.test, 4, device),
         device=device,
@@ -134,6 +135,15 @@ def run_teacher(
     result = engine.fit(resume=resume)
     echo(f"{label} {spec.model}: top-1 {result['last_acc1']:.2f}% (best {result['best_acc1']:.2f}%)")
     return teacher.eval()
+
+
+def known_targets(bundle: Any) -> torch.Tensor:
+    """The labels of the full training set as a run may know them: those of its labelled images, ``-1``
+    for every other image (the unlabelled transfer set and images left out), so that losses sampling
+    negatives by class never read a label the run is not given."""
+    targets = torch.full_like(bundle.train_targets, -1)
+    targets[bundle.train.indices] = bundle.train_targets[bundle.train.indices]
+    return targets
 
 
 def method_hash(config: SuiteConfig, name: str, seed: int) -> str:
@@ -190,7 +200,7 @@ def run_method(
         evaluators=evaluators,
         eval_loaders={"train": make_eval_loader(bundle, config.data, device)},
         num_data=bundle.num_train,
-        targets=bundle.train_targets,
+        targets=known_targets(bundle),
         num_classes=bundle.num_classes,
         probe=probe_inputs(bundle.test, config.probe_size, device),
         device=device,
@@ -223,6 +233,7 @@ def run_suite(config: SuiteConfig, resume: bool = False, quiet: bool = False, ec
 
     if config.threads is not None:
         torch.set_num_threads(config.threads)
+    preflight(config)
     run_dir = run_dir_of(config)
     with distributed_session(resolve_device(config.device)):
         if not D.is_main_process():

@@ -97,8 +97,8 @@ class _Active:
     index: int
     stage: Stage
     start: int
-    optimizer: torch.optim.Optimizer | None
-    scheduler: Any
+    optimizers: dict[str, torch.optim.Optimizer]
+    schedulers: dict[str, Any]
     params: list[nn.Parameter]
     transform: Callable[[dict[str, Tensor], Any], dict[str, Tensor]]
     step: Step
@@ -311,20 +311,50 @@ class Engine:
         params = stage_parameters(
             self.root, stage, [*self.students, LOSS, STEP_MODULES], self.probe, self._tap_spec
         )
-        optimizer = scheduler = None
+        optimizers, schedulers = {}, {}
         if params or stage.trainable != []:
-            optimizer = build_optimizer(params, stage.optimizer)
-            scheduler = build_schedule(optimizer, stage.schedule, stage.epochs, stage.warmup_epochs)
+            groups = self._optimizer_groups(stage, params)
+            for name, (group, spec) in groups.items():
+                optimizers[name] = build_optimizer(group, spec)
+                schedulers[name] = build_schedule(
+                    optimizers[name], stage.schedule, stage.epochs, stage.warmup_epochs
+                )
             if state is not None:
-                optimizer.load_state_dict(state["optimizer"])
-                scheduler.load_state_dict(state["scheduler"])
+                for name in optimizers:
+                    optimizers[name].load_state_dict(state["optimizer"][name])
+                    schedulers[name].load_state_dict(state["scheduler"][name])
         step = self.root[STEP_MODULES][index]
         transform = build_transform(stage.batch_transform)
         networks, synced = self._wrap(stage, step)
         return _Active(
-            index, stage, self.starts[index], optimizer, scheduler, params, transform, step, frozen,
+            index, stage, self.starts[index], optimizers, schedulers, params, transform, step, frozen,
             grad_flags, networks, synced,
         )  # fmt: skip
+
+    def _optimizer_groups(
+        self, stage: Stage, params: list[nn.Parameter]
+    ) -> dict[str, tuple[list[nn.Parameter], dict[str, Any]]]:
+        """``{name: (parameters, optimiser spec)}``: the stage's ``optimizers`` paths each take their
+        parameters out of the main optimiser (``main``) into an optimiser of their own, whose spec is the
+        main one with the path's options merged in (another ``name`` starts from that optimiser's
+        defaults)."""
+        taken: set[int] = set()
+        groups: dict[str, tuple[list[nn.Parameter], dict[str, Any]]] = {}
+        wanted = {id(p) for p in params}
+        for path, options in stage.optimizers.items():
+            modules = resolve_paths(
+                self.root, [path], f"stage {stage.name!r} optimizers", self.probe, self._tap_spec
+            )
+            group = [p for m in modules for p in m.parameters() if id(p) in wanted and id(p) not in taken]
+            if not group:
+                raise ValueError(
+                    f"stage {stage.name!r} optimizers: {path!r} holds no parameter the stage trains"
+                )
+            taken |= {id(p) for p in group}
+            same = options.get("name", stage.optimizer["name"]) == stage.optimizer["name"]
+            groups[path] = (group, {**stage.optimizer, **options} if same else dict(options))
+        main = [p for p in params if id(p) not in taken]
+        return {"main": (main, dict(stage.optimizer)), **groups} if main else groups
 
     def _wrap(self, stage: Stage, step: Step) -> tuple[dict[str, nn.Module], set[int]]:
         """The networks the steps call, students in DDP where it applies, and the ids of the
@@ -400,8 +430,8 @@ class Engine:
                     active = self._begin(index, state if same else None)
                 t0 = time.perf_counter()
                 row = self._train_epoch(epoch, total, active, path)
-                if active.scheduler is not None:
-                    active.scheduler.step()
+                for scheduler in active.schedulers.values():
+                    scheduler.step()
                 for call in active.stage.after_epoch:
                     find_method(self.root, call, f"stage {active.stage.name!r} after_epoch")()
                 stage_done = epoch + 1 == self.starts[index + 1]
@@ -449,7 +479,8 @@ class Engine:
             disable=self.quiet or not sys.stderr.isatty() or not D.is_main_process(),
             leave=False,
         )
-        lr = active.optimizer.param_groups[0]["lr"] if active.optimizer is not None else 0.0
+        first = next(iter(active.optimizers.values()), None)
+        lr = first.param_groups[0]["lr"] if first is not None else 0.0
         ramp = sigmoid(epoch - active.start) if stage.clip_to_ce_ramp == "sigmoid" else 1.0
         info = stage.info(active.index, active.start)
         step = 0
@@ -517,11 +548,11 @@ class Engine:
             )
         if not out.losses:
             raise ValueError(f"stage {active.stage.name!r}: the step returned no loss")
-        if active.step.manual or active.optimizer is None:
+        if active.step.manual or not active.optimizers:
             total = sum(v.detach().float() for v in out.losses.values())
         else:
             total = self._update(active, out.losses, ramp)
-        if active.optimizer is not None:
+        if active.optimizers:
             self.scaler.update()
         return out, total.detach()
 
@@ -529,8 +560,8 @@ class Engine:
         """Zero the gradients, backpropagate ``losses`` (summed, or clip-to-CE), average over ranks,
         clip, step the optimiser; returns the summed loss."""
         stage = active.stage
-        optimizer = active.optimizer
-        if optimizer is None:
+        optimizers = list(active.optimizers.values())
+        if not optimizers:
             raise RuntimeError(f"stage {stage.name!r} trains nothing ('trainable: []'), so it cannot update")
         if not any(v.requires_grad for v in losses.values()):
             raise ValueError(
@@ -538,15 +569,18 @@ class Engine:
                 "it a nonzero ce_weight or a term that reads a trainable module"
             )
         params = active.params
-        optimizer.zero_grad(set_to_none=True)
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
         clip = stage.clip_to_ce and not active.step.manual
         total = backward(losses, params, self.scaler.scale, clip, D.all_reduce_mean_, ramp)
         if D.is_distributed() and not clips_to_ce(losses, clip):
             D.average_gradients(p for p in params if id(p) not in active.synced and p.grad is not None)
         if stage.clip_grad_norm is not None:
-            self.scaler.unscale_(optimizer)
+            for optimizer in optimizers:
+                self.scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(params, stage.clip_grad_norm)
-        self.scaler.step(optimizer)
+        for optimizer in optimizers:
+            self.scaler.step(optimizer)
         return total
 
     def _evaluate(
@@ -606,7 +640,7 @@ class Engine:
     def _save(
         self, path: Path, epoch: int, best: dict, wall: float, row: dict, active: _Active | None
     ) -> None:
-        keep = active is not None and active.optimizer is not None
+        keep = active is not None
         save_checkpoint(
             path,
             {
@@ -615,8 +649,8 @@ class Engine:
                 "epoch": epoch,
                 "stage": -1 if active is None else active.index,
                 **self._states(),
-                "optimizer": active.optimizer.state_dict() if keep else {},
-                "scheduler": active.scheduler.state_dict() if keep else {},
+                "optimizer": {n: o.state_dict() for n, o in active.optimizers.items()} if keep else {},
+                "scheduler": {n: s.state_dict() for n, s in active.schedulers.items()} if keep else {},
                 "scaler": self.scaler.state_dict(),
                 "rng": rng_state(),
                 "best": best,

@@ -55,6 +55,7 @@ class Stage:
     trainable: list[str] | None
     frozen: list[str]
     optimizer: dict[str, Any]
+    optimizers: dict[str, dict[str, Any]]
     schedule: dict[str, Any]
     warmup_epochs: int
     clip_grad_norm: float | None
@@ -122,6 +123,7 @@ def _stage(
         trainable=None if cfg is None else cfg.trainable,
         frozen=[] if cfg is None else list(cfg.frozen),
         optimizer=dict(pick("optimizer")),
+        optimizers={k: dict(v) for k, v in pick("optimizers").items()},
         schedule=dict(pick("schedule")),
         warmup_epochs=pick("warmup_epochs"),
         clip_grad_norm=train.clip_grad_norm,
