@@ -221,7 +221,8 @@ class Step(nn.Module):
 
     Attributes:
         manual: the step calls :meth:`StepContext.update` itself; without it the engine sums the
-            returned losses, backpropagates once and steps the optimiser.
+            returned losses, backpropagates once and steps the optimiser. A step may set it per
+            instance in its constructor (e.g. from an option); the engine reads the instance's.
         deploy: networks the method deploys when its config does not say (default: every student).
         taps: features to hook on every network of the run, besides those the terms read.
         ddp_wrap: under data parallelism the students may be wrapped in ``DistributedDataParallel``

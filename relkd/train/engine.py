@@ -552,7 +552,7 @@ class Engine:
             total = sum(v.detach().float() for v in out.losses.values())
         else:
             total = self._update(active, out.losses, ramp)
-        if active.optimizers:
+        if active.optimizers and not active.step.manual:
             self.scaler.update()
         return out, total.detach()
 
@@ -581,6 +581,8 @@ class Engine:
             nn.utils.clip_grad_norm_(params, stage.clip_grad_norm)
         for optimizer in optimizers:
             self.scaler.step(optimizer)
+        if active.step.manual:  # a manual step may update several times per batch
+            self.scaler.update()
         return total
 
     def _evaluate(
