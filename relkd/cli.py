@@ -16,7 +16,6 @@ can be named in configs and on the command line (the config key ``imports:`` doe
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 import time
@@ -59,6 +58,10 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
         help="a YAML config or built-in config name (default: the digits experiment), then overrides",
     )
     p.add_argument("--resume", action="store_true", help="continue interrupted runs from their checkpoints")
+    p.add_argument(
+        "--overwrite", action="store_true",
+        help="delete the run directory first (it holds another configuration's runs)",
+    )  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -76,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     for note in notes if main else ():
         log.warning("note: %s", note)
     start = time.perf_counter()
-    run_dir = run_suite(config, resume=args.resume, quiet=args.quiet)
+    run_dir = run_suite(config, resume=args.resume, quiet=args.quiet, overwrite=args.overwrite)
     if main:
         print(f"wall time {time.perf_counter() - start:.0f} s; results in {run_dir}/results.md")
     return 0
@@ -128,8 +131,7 @@ def list_registered(args: argparse.Namespace) -> int:
     sections: dict[str, list[str]] = {}
     if args.what in (None, "models"):
         zoo = models.MODELS.available()
-        external = len(models.available("torchvision:*"))
-        sections["models"] = [", ".join(zoo), f"and {external} torchvision models as torchvision:<name>"]
+        sections["models"] = [", ".join(zoo), "and torchvision's classification models as torchvision:<name>"]
     sections["losses"] = [", ".join(losses.available())]
     sections["datasets"] = [", ".join(data.available())]
     sections["methods"] = []
@@ -320,24 +322,6 @@ def _setup_logging(level: str) -> None:
         logger.propagate = False
 
 
-def import_modules(modules: Sequence[str]) -> None:
-    """Import the user's modules (``--import``), with the current folder on the path.
-
-    Raises:
-        ImportError: a module cannot be imported; the message says what to do.
-    """
-    if "" not in sys.path and "." not in sys.path:
-        sys.path.insert(0, "")
-    for module in modules:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            raise ImportError(
-                f"--import {module}: no module named {e.name!r} on the Python path; install the package "
-                "that holds it, or run from the folder that holds it"
-            ) from None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), run the subcommand, return its exit status.
 
@@ -360,7 +344,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from relkd.train import CheckpointError, NonFiniteLossError
 
     try:
-        import_modules(args.imports)
+        from relkd.plugins import import_modules, load_entry_points
+
+        load_entry_points()
+        import_modules(args.imports, "--import")
         return COMMANDS[args.command][2](args)
     except ConfigError as e:
         print(f"relkd: config error: {e}", file=sys.stderr)

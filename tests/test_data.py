@@ -435,8 +435,42 @@ def test_imagefolder_items_and_metadata(image_root):
     assert torch.equal(bundle.test[1]["input"], item["input"])
 
 
+def test_imagefolder_grey_channels_and_normalisation_from_the_data(image_root):
+    from PIL import Image
+
+    bundle = data.build("imagefolder", root=image_root, channels=1)
+    assert bundle.in_channels == 1 and bundle.image_size == (12, 12)  # the first image's larger side
+    # the constants are the mean and std of the grey training pixels (PIL's "L"), resized to 12 x 12
+    pixels = []
+    for cls in ("cat", "dog"):
+        for k in range(3):
+            grey = Image.open(image_root / "train" / cls / f"{k}.png").convert("L").resize((12, 12), Image.BILINEAR)
+            pixels.append(np.asarray(grey, dtype=np.float64) / 255.0)
+    pixels = np.stack(pixels)
+    assert bundle.mean == pytest.approx((pixels.mean(),), rel=1e-6)  # ToTensor gives float32
+    assert bundle.std == pytest.approx((pixels.std(),), rel=1e-6)
+    item = bundle.train.with_augment(False)[0]["input"]
+    assert item.shape == (1, 12, 12)
+    expected = (pixels[0] - pixels.mean()) / pixels.std()
+    np.testing.assert_allclose(item[0].numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_imagefolder_augmentation_options(image_root):
+    plain = data.build("imagefolder", root=image_root, image_size=8)
+    first = plain.train[0]["input"]
+    assert torch.equal(first, plain.train.with_augment(False)[0]["input"])  # none: training = evaluation
+    imagenet = data.build(
+        "imagefolder", root=image_root, image_size=8, augmentation="imagenet", normalize="imagenet"
+    )
+    assert imagenet.mean == (0.485, 0.456, 0.406)
+    with pytest.raises(ValueError, match="augmentation must be one of none, crop, crop_flip, imagenet"):
+        data.build("imagefolder", root=image_root, augmentation="random")
+    with pytest.raises(ValueError, match="channels must be 1"):
+        data.build("imagefolder", root=image_root, channels=2)
+
+
 def test_imagefolder_loader_augmentation_is_seeded(image_root):
-    bundle = data.build("imagefolder", root=image_root, image_size=8)
+    bundle = data.build("imagefolder", root=image_root, image_size=8, augmentation="crop_flip")
 
     def run(epoch):
         loader = data.make_loader(bundle.train, 4, shuffle=True, seed=1)

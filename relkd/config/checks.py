@@ -62,7 +62,6 @@ def check_suite(config: SuiteConfig) -> None:
             raise ConfigError(
                 f"device: {config.device!r} is not a device; use auto, cpu, cuda or cuda:N"
             ) from None
-    _check_imports(config.imports)
     if config.threads is not None and config.threads < 1:
         raise ConfigError(f"threads: expected a positive number of CPU threads or null, got {config.threads}")
     if config.probe_size < 3:
@@ -87,21 +86,6 @@ def check_suite(config: SuiteConfig) -> None:
     for loss in config.loss_args:
         if loss not in LOSSES:
             raise ConfigError(f"loss_args.{loss}: no such loss.{suggest(loss, LOSSES.available())}")
-
-
-def _check_imports(imports: list[str]) -> None:
-    import importlib.util
-
-    for i, module in enumerate(imports):
-        try:
-            found = importlib.util.find_spec(module) is not None
-        except (ImportError, ValueError):
-            found = False
-        if not found:
-            raise ConfigError(
-                f"imports.{i}: no module {module!r} on the Python path; install the package that holds it, "
-                "or run from the folder that holds it (the current folder is on the path)"
-            )
 
 
 def _check_name(path: str, name: str, registry: Registry) -> Any:

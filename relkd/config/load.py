@@ -295,10 +295,26 @@ def load_config(
         raw, base_dir = dict(source), None
     else:
         raw, base_dir = read_config(source)
+    _import_plugins(raw, overrides)
     data, notes = resolve(raw, overrides, base_dir)
     config = from_data(SuiteConfig, data)
     check_suite(config)
     return config, notes
+
+
+def _import_plugins(raw: Mapping[str, Any], overrides: Sequence[str]) -> None:
+    """Load installed plugins and import the config's ``imports`` (also when given as an override)
+    before anything names what they register."""
+    from relkd.plugins import import_modules, load_entry_points
+
+    load_entry_points()
+    imports = apply_overrides(
+        {"imports": raw.get("imports") or []}, [o for o in overrides if o.startswith("imports")]
+    )
+    modules = imports.get("imports") or []
+    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+        raise ConfigError(f"imports: expected a list of module names, got {modules!r}")
+    import_modules(modules)
 
 
 def to_data(config: SuiteConfig) -> dict[str, Any]:

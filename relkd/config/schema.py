@@ -273,6 +273,8 @@ class SuiteConfig:
         tensorboard: also log to TensorBoard when it is installed.
         threads: CPU threads of torch (``torch.set_num_threads``); null keeps torch's default. Small
             models train fastest on one thread, and a shared machine needs it.
+        check_teachers: stop the suite when a teacher's test accuracy is within 1.5 times chance
+            (a broken recipe or checkpoint), before any student distils from it.
     """
 
     students: dict[str, ModelConfig]
@@ -292,6 +294,7 @@ class SuiteConfig:
     probe_size: int = 256
     tensorboard: bool = True
     threads: int | None = None
+    check_teachers: bool = True
 
     @property
     def student(self) -> ModelConfig:

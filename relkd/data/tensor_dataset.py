@@ -65,6 +65,14 @@ class InMemoryDataset(Dataset):
             raise ValueError(
                 f"expected one mean and std per channel ({images.shape[1]}), got {mean} and {std}"
             )
+        if images.is_floating_point():
+            bad = (~torch.isfinite(images)).flatten(1).any(1)
+            if bool(bad.any()):
+                where = indices[bad][:5].tolist()
+                raise ValueError(
+                    f"{int(bad.sum())} image(s) hold NaN or infinite pixel values (data set indices "
+                    f"{where}{' ...' if int(bad.sum()) > 5 else ''}): fix or drop them before training"
+                )
         self.images = images
         self.targets = targets.long()
         self.indices = indices.long()

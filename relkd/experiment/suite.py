@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from relkd import distributed as D
-from relkd.config import MethodConfig, SuiteConfig, to_data
+from relkd.config import MethodConfig, SuiteConfig
 from relkd.evaluation import build_evaluator
+from relkd.experiment.ownership import claim, verify_final
 from relkd.experiment.preflight import preflight
 from relkd.experiment.rundir import RunDir
 from relkd.experiment.setup import (
@@ -64,10 +65,14 @@ def used_teachers(config: SuiteConfig) -> list[str]:
 
 
 def _reusable(files: Any, digest: str) -> dict[str, Any] | None:
+    """The result of a finished run of this configuration, its ``final.pt`` verified; None otherwise."""
     if not files.finished():
         return None
     result = files.read_result()
-    return result if result.get("config_hash") == digest else None
+    if result.get("config_hash") != digest:
+        return None
+    verify_final(files, digest)
+    return result
 
 
 def run_teacher(
@@ -98,10 +103,13 @@ def run_teacher(
         if D.is_main_process():
             files.write_result(result)
         echo(f"{label} {spec.model}: loaded {spec.checkpoint} (test top-1 {acc1:.2f}%)")
+        _above_chance(config, label, acc1, bundle, f"its checkpoint {spec.checkpoint}")
         return teacher.eval()
-    if _reusable(files, digest) is not None:
+    previous = _reusable(files, digest)
+    if previous is not None:
         load_weights(str(files.final), teacher, "teacher")
         echo(f"{label} {spec.model}: reusing {files.final}")
+        _above_chance(config, label, previous["last_acc1"], bundle, f"the run in {files.path}")
         return teacher.to(device).eval()
     batches, test = make_batches(bundle, spec.data, spec.seed, device)
     method = spec.method
@@ -134,7 +142,27 @@ def run_teacher(
     )
     result = engine.fit(resume=resume)
     echo(f"{label} {spec.model}: top-1 {result['last_acc1']:.2f}% (best {result['best_acc1']:.2f}%)")
+    _above_chance(config, label, result["last_acc1"], bundle, f"its training (logs in {files.path})")
     return teacher.eval()
+
+
+class TeacherError(RuntimeError):
+    """A teacher no better than chance: every student would distil noise."""
+
+
+def _above_chance(config: SuiteConfig, label: str, acc1: float | None, bundle: Any, source: str) -> None:
+    """Stop the suite when a teacher's test top-1 is within 1.5 times chance (``check_teachers``)."""
+    if not config.check_teachers or acc1 is None:
+        return
+    classes = int(torch.unique(torch.as_tensor(bundle.test.targets)).numel())
+    chance = 100.0 / max(classes, 1)
+    if acc1 <= 1.5 * chance:
+        raise TeacherError(
+            f"the {label} reaches {acc1:.2f}% test top-1, no better than chance ({chance:.2f}% for {classes} "
+            f"classes), so every student would distil noise. The cause is in {source}: check its recipe "
+            "(data.batch_size, the learning rate, epochs) or its checkpoint; set check_teachers: false to "
+            "distil from it anyway"
+        )
 
 
 def known_targets(bundle: Any) -> torch.Tensor:
@@ -221,10 +249,18 @@ def run_method(
     return result
 
 
-def run_suite(config: SuiteConfig, resume: bool = False, quiet: bool = False, echo: Echo = print) -> Path:
+def run_suite(
+    config: SuiteConfig,
+    resume: bool = False,
+    quiet: bool = False,
+    echo: Echo = print,
+    overwrite: bool = False,
+) -> Path:
     """Train (or reuse) the teachers the methods use, every method for every seed, and write the table.
 
-    Under ``torchrun`` it joins (and leaves) the process group; ``echo`` is called on rank 0 only.
+    The run directory must hold this configuration's runs only (:func:`relkd.experiment.ownership.claim`):
+    ``resume`` continues interrupted runs, ``overwrite`` deletes the directory first. Under ``torchrun``
+    it joins (and leaves) the process group; ``echo`` is called on rank 0 only.
 
     Returns:
         The run directory's path (layout in :class:`relkd.experiment.RunDir`).
@@ -236,10 +272,12 @@ def run_suite(config: SuiteConfig, resume: bool = False, quiet: bool = False, ec
     preflight(config)
     run_dir = run_dir_of(config)
     with distributed_session(resolve_device(config.device)):
+        data = claim(run_dir, config, resume, overwrite, write=D.is_main_process())
         if not D.is_main_process():
             echo = _silent
         else:
-            run_dir.write_config(to_data(config))
+            run_dir.write_config(data)
+        D.barrier()
         trained = {
             name: run_teacher(config, run_dir, name, resume, quiet, echo) for name in used_teachers(config)
         }

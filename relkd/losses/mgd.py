@@ -51,6 +51,7 @@ Shapes:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -59,7 +60,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from relkd.graphs import ops
-from relkd.losses._inputs import warn_once
 from relkd.losses.base import DistillLoss
 from relkd.losses.kd import kd
 from relkd.losses.registry import register
@@ -304,10 +304,11 @@ class MGDLoss(DistillLoss):
     ) -> torch.Tensor:
         """The loss from the logits ``[B, C]`` and the pooled embeddings ``[B, F]`` (before the tubes)."""
         if not self._frozen:
-            warn_once(
-                "mgd_frozen",
+            # once per loss: it freezes itself right after
+            warnings.warn(
                 "mgd: distilling through teacher tubes that were not frozen; freezing them now. Run "
                 "pretrain_step on the teacher, then freeze_heads(), before distilling",
+                stacklevel=2,
             )
             self.freeze_heads()
         if student_feat.shape[0] != teacher_feat.shape[0]:

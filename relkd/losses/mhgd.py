@@ -63,6 +63,7 @@ Shapes:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -332,10 +333,11 @@ class MHGDLoss(DistillLoss):
     def forward(self, student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> torch.Tensor:
         self._ensure_heads(teacher)
         if not self._frozen:
-            warn_once(
-                "mhgd_frozen",
+            # once per loss: it freezes itself right after
+            warnings.warn(
                 "mhgd: distilling through heads that were not frozen; freezing them now. Run "
                 "pretrain_step on the teacher, then freeze_heads(), before distilling",
+                stacklevel=2,
             )
             self.freeze_heads()
         return mhgd(

@@ -54,6 +54,7 @@ Shapes:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -64,7 +65,6 @@ from torch import nn
 from relkd._debug import check_finite
 from relkd.distributed import all_gather, global_relations_enabled
 from relkd.graphs import cross_cosine, ops
-from relkd.losses._inputs import warn_once
 from relkd.losses.base import DistillLoss
 from relkd.losses.kd import kd
 from relkd.losses.registry import register
@@ -416,10 +416,11 @@ class SSKDLoss(DistillLoss):
         """The loss from logits ``[4N, C]`` and pooled embeddings ``[4N, F]`` (before the heads);
         ``labels`` ``[N]`` of the source images (``-1`` or None: unknown)."""
         if not self._frozen:
-            warn_once(
-                "sskd_frozen",
+            # once per loss: it freezes itself right after
+            warnings.warn(
                 "sskd: distilling through a teacher head that was not frozen; freezing it now. Run "
                 "pretrain_step on the teacher, then freeze_heads(), before distilling",
+                stacklevel=2,
             )
             self.freeze_heads()
         s = self.student_head(student_feat)

@@ -50,7 +50,7 @@ def load_checkpoint(path: str | Path, required: Iterable[str] = ()) -> dict[str,
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
-        reason = str(e).splitlines()[0] if str(e) else ""
+        reason = str(e).splitlines()[0].split(". ")[0] if str(e) else ""
         raise CheckpointError(
             f"{path}: cannot read the checkpoint ({type(e).__name__}: {reason}); it is truncated, "
             "corrupted or not a relkd checkpoint. Delete it to start that run over"

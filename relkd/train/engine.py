@@ -483,7 +483,7 @@ class Engine:
         lr = first.param_groups[0]["lr"] if first is not None else 0.0
         ramp = sigmoid(epoch - active.start) if stage.clip_to_ce_ramp == "sigmoid" else 1.0
         info = stage.info(active.index, active.start)
-        step = 0
+        step, ctx = 0, None
         try:
             for step, batch in enumerate(epoch_batches, 1):
                 ctx = StepContext(
@@ -516,8 +516,8 @@ class Engine:
                 bar.update()
                 if not bar.disable and step % 20 == 0:
                     bar.set_postfix(loss=f"{float(tally.sums[-1]) / step:.4f}", acc=f"{tally.accuracy():.1f}")
-        except NonFiniteLossError:
-            raise
+        except NonFiniteLossError as e:
+            raise _blame_input(e, ctx.batch if ctx is not None else {}) from None
         except Exception:
             # An error after a NaN (e.g. an SVD of NaN features) is reported as the NaN that caused it.
             if tally is not None:
@@ -734,6 +734,21 @@ class Engine:
             )
             self.files.write_result(result)
         return result
+
+
+def _blame_input(error: NonFiniteLossError, batch: Mapping[str, Any]) -> NonFiniteLossError:
+    """The error, told that the inputs were not finite when the batch's were."""
+    x = batch.get("input")
+    if isinstance(x, Tensor) and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        rows = (~torch.isfinite(x)).flatten(1).any(1)
+        index = batch.get("index")
+        positions = index[rows] if isinstance(index, Tensor) else rows.nonzero().flatten()
+        where = positions[:5].tolist()
+        return NonFiniteLossError(
+            f"{str(error).split(';')[0]}: the training batch itself holds NaN or infinite inputs (data set "
+            f"indices {where}), so the data, not the learning rate, is at fault; fix or drop those images"
+        )
+    return error
 
 
 def _finite(value: Any) -> Any:
