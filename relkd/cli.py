@@ -16,11 +16,12 @@ can be named in configs and on the command line (the config key ``imports:`` doe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 __all__ = ["COMMANDS", "command", "main"]
@@ -45,6 +46,18 @@ def command(name: str, summary: str, arguments: Callable[[argparse.ArgumentParse
 
 class UsageError(ValueError):
     """Options that do not fit together (printed as ``relkd <command>: error: ...``, status 2)."""
+
+
+@contextlib.contextmanager
+def _writing(where: str, fix: str) -> Iterator[None]:
+    """Turn a failed write (a read-only run directory, a full disk) into one line that says what to do."""
+    try:
+        yield
+    except OSError as e:
+        if isinstance(e, FileNotFoundError) and e.filename is None:
+            raise
+        target = e.filename or where
+        raise OSError(f"cannot write {target} ({e.strerror or e}); {fix}") from None
 
 
 # --- relkd run -------------------------------------------------------------------------------------
@@ -106,7 +119,8 @@ def table(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"{run.path}: no result.json under teacher/ or <method>/seed<k>/")
         print(markdown(rows), end="")
     else:
-        print(write_table(args.run_dir, args.out), end="")
+        with _writing(args.out or args.run_dir, "pass --out DIR to write the table elsewhere, or --no-write"):
+            print(write_table(args.run_dir, args.out), end="")
     return 0
 
 
@@ -236,7 +250,8 @@ def viz(args: argparse.Namespace) -> int:
         given = [flag for flag, value in alone.items() if value]
         if given:
             raise UsageError(f"give a RUN_DIR or {', '.join(alone)}, not both (got RUN_DIR and {given[0]})")
-        viz_run(args.run_dir, method=args.method, out=args.out, **options)
+        with _writing(args.out or args.run_dir, "pass --out DIR to write the figures elsewhere"):
+            viz_run(args.run_dir, method=args.method, out=args.out, **options)
         return 0
     missing = [flag for flag, value in alone.items() if not value]
     if missing:
@@ -274,7 +289,8 @@ def _plot_arguments(p: argparse.ArgumentParser) -> None:
 def plot(args: argparse.Namespace) -> int:
     from relkd.experiment.plot import plot_run
 
-    plot_run(args.run_dir, formats=args.formats, band=args.band, dpi=args.dpi, out=args.out)
+    with _writing(args.out or args.run_dir, "pass --out DIR to write the figures elsewhere"):
+        plot_run(args.run_dir, formats=args.formats, band=args.band, dpi=args.dpi, out=args.out)
     return 0
 
 

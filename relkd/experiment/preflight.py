@@ -22,6 +22,7 @@ from relkd.data import DataBundle
 from relkd.experiment.setup import build_model, load_bundle
 from relkd.methods import STEPS, build_step, build_term, parse_terms, tap_names
 from relkd.models import FeatureTaps, resolve_taps
+from relkd.optim import build_optimizer, build_schedule
 from relkd.train.stages import build_stages, find_method, resolve_paths
 
 __all__ = ["preflight"]
@@ -100,6 +101,14 @@ def _method(
         with FeatureTaps(network, resolved) as hooked:
             logits = network(_example(bundle))
             features[name] = {**hooked.features, "logits": logits}
+    for term, spec in specs.items():
+        given = spec.options.get("num_data")
+        if given is not None and given < bundle.num_train:
+            raise ConfigError(
+                f"{path}.losses.{term}.num_data: {given} is smaller than the training set "
+                f"({bundle.num_train} images), whose indices address its memory bank; leave num_data out "
+                "(it is filled in)"
+            )
     root = nn.ModuleDict({**networks, "loss": nn.ModuleDict(), "steps": nn.ModuleList()})
     targets = torch.zeros(bundle.num_train, dtype=torch.long, device=META)
     for term, spec in specs.items():
@@ -118,6 +127,7 @@ def _method(
     start = 0
     for index, stage in enumerate(stages):
         where = f"{path}.stages.{index}" if method.stages else path
+        _optimizers(where if method.stages else f"{path}.train", stage)
         try:
             with META:
                 root["steps"].append(
@@ -148,6 +158,19 @@ def _method(
                         find_method(root, call, f"{where}.{key}")
         except (KeyError, ValueError) as e:
             raise ConfigError(_why(e)) from None
+
+
+def _optimizers(path: str, stage: Any) -> None:
+    """Build the stage's optimisers and schedule on a stand-in parameter: bad values (a negative learning
+    rate, betas out of range ...) fail now, with the key, rather than after a teacher has trained."""
+    probe = [nn.Parameter(torch.zeros(1))]
+    for key, spec in [("optimizer", stage.optimizer), *((f"optimizers.{k}", {**stage.optimizer, **v})
+                      for k, v in stage.optimizers.items())]:  # fmt: skip
+        try:
+            optimizer = build_optimizer(probe, spec)
+            build_schedule(optimizer, stage.schedule, max(stage.epochs, 1), stage.warmup_epochs)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{path}.{key}: {_why(e)}") from None
 
 
 def _inside_placeholder(root: nn.Module, call: str) -> bool:
