@@ -480,6 +480,8 @@ def test_every_builtin_method_trains_a_small_cnn(tmp_path):
         "student": {"model": "lenet", "args": {"width": 4}},
         "methods": names,
         "loss_args": {"crd": {"num_negatives": 32}, "hkd": {"num_negatives": 32}},
+        # one epoch of a width-4 network on 40 labels: a self-teacher may still be at chance
+        "check_teachers": False,
         # the built-in digits experiment's recipe: AT's weight of 1000 diverges under SGD at lr 0.05 here
         "train": {"epochs": 1, "optimizer": {"name": "adamw", "lr": 0.003, "weight_decay": 1e-4}},
     }

@@ -16,8 +16,6 @@ on a probe batch), ``student_channels`` / ``teacher_channels`` (``shape[1]`` of 
 
 from __future__ import annotations
 
-import inspect
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,13 +23,10 @@ from typing import Any
 from torch import Tensor
 
 from relkd.losses import LOSSES, DistillLoss
+from relkd.losses.sizes import INJECTED, measured_sizes
 
 __all__ = ["INJECTED", "TERM_KEYS", "LossTerm", "TermSpec", "build_term", "parse_terms", "tap_names"]
 
-INJECTED = (
-    "student_dim", "teacher_dim", "student_channels", "teacher_channels", "student_shape", "teacher_shape",
-    "num_data", "targets", "num_classes",
-)  # fmt: skip
 # Keys of a term that the engine reads; every other key goes to the loss's constructor.
 TERM_KEYS: dict[str, Any] = {
     "loss": str,
@@ -140,12 +135,6 @@ def parse_terms(
     return specs
 
 
-def _sizes(features: Mapping[str, Tensor], taps: Sequence[str]) -> tuple[int, list[int], tuple[int, ...]]:
-    first = features[taps[0]]
-    shape = tuple(int(s) for s in first.shape[1:])
-    return math.prod(shape), [int(features[t].shape[1]) for t in taps], shape
-
-
 def build_term(
     spec: TermSpec,
     student_features: Mapping[str, Tensor],
@@ -163,23 +152,17 @@ def build_term(
         num_data: size of the full training set.
         targets: ``[num_data]`` labels of the full training set.
     """
-    s_dim, s_channels, s_shape = _sizes(student_features, spec.student_taps)
-    t_dim, t_channels, t_shape = (None, None, None)
-    if teacher_features is not None:
-        t_dim, t_channels, t_shape = _sizes(teacher_features, spec.teacher_taps)
-    available = {
-        "student_dim": s_dim,
-        "teacher_dim": t_dim,
-        "student_channels": s_channels,
-        "teacher_channels": t_channels,
-        "student_shape": s_shape,
-        "teacher_shape": t_shape,
-        "num_data": num_data,
-        "targets": targets,
-        "num_classes": num_classes,
-    }
-    params = inspect.signature(spec.cls).parameters
-    kwargs = {k: v for k, v in available.items() if k in params and k not in spec.options and v is not None}
+    kwargs = measured_sizes(
+        spec.cls,
+        student_features,
+        teacher_features,
+        spec.student_taps,
+        spec.teacher_taps,
+        given=spec.options,
+        num_data=num_data,
+        targets=targets,
+        num_classes=num_classes,
+    )
     module = LOSSES.build(spec.loss, **kwargs, **spec.options)
     if tuple(module.taps) != spec.taps:
         module.taps = spec.taps

@@ -6,6 +6,7 @@ described in :mod:`relkd.train.engine`; the run directory's layout in :mod:`relk
 Every ``.pt`` file loads with ``torch.load(path, weights_only=True)``. Accuracies are percentages.
 """
 
+from relkd.train.backward import clip_to_ce_backward
 from relkd.train.batches import TrainBatches
 from relkd.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from relkd.train.engine import Engine
@@ -19,6 +20,7 @@ __all__ = [
     "Stage",
     "TrainBatches",
     "build_stages",
+    "clip_to_ce_backward",
     "load_checkpoint",
     "save_checkpoint",
 ]

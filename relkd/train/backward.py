@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["backward", "clips_to_ce"]
+__all__ = ["backward", "clip_to_ce_backward", "clips_to_ce"]
 
 
 def clips_to_ce(losses: Mapping[str, Tensor], clip_to_ce: bool) -> bool:
@@ -60,3 +60,26 @@ def backward(
         if g is not None:
             p.grad = g if p.grad is None else p.grad + g
     return total
+
+
+def clip_to_ce_backward(
+    ce: Tensor, distill: Tensor, parameters: Iterable[nn.Parameter], ramp: float = 1.0
+) -> Tensor:
+    """The KD-SVD / MHGD authors' update rule, for one's own training loop.
+
+    Accumulates into each parameter's ``.grad`` the cross-entropy gradient plus the distillation
+    gradient clipped to the cross-entropy gradient's norm, ``g = g_ce + g_kd * min(1, ramp * |g_ce| /
+    |g_kd|)`` (a parameter without a cross-entropy gradient, e.g. a loss's own, keeps its distillation
+    gradient). The authors' ``ramp`` is ``sigmoid(epoch)`` (``relkd.methods.sigmoid``), 0-based epoch of
+    the distillation. Call it where ``loss.backward()`` would be, then step the optimiser::
+
+        optimizer.zero_grad()
+        clip_to_ce_backward(F.cross_entropy(logits, y), mhgd(s_maps, t_maps), model.parameters(),
+                            ramp=sigmoid(epoch))
+        optimizer.step()
+
+    Returns:
+        The sum ``ce + distill`` (for logging).
+    """
+    params = [p for p in parameters if p.requires_grad]
+    return backward({"ce": ce, "distill": distill}, params, lambda x: x, clip_to_ce=True, ramp=ramp)
