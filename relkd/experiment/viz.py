@@ -39,6 +39,7 @@ from relkd.experiment.setup import load_bundle, resolve_device
 from relkd.graphs import RelationGraph
 from relkd.graphs.agreement import agreement
 from relkd.graphs.export import EXPORTERS, export_graph
+from relkd.viz._common import colour_map
 from relkd.viz.agreement import agreement_bars
 from relkd.viz.matrices import relation_matrices
 from relkd.viz.network import knn_graphs
@@ -99,7 +100,12 @@ def _emit(paths: list[Path], new: Iterable[Path]) -> None:
 
 
 def _visualise(
-    teacher: nn.Module, students: Iterable[tuple[str, nn.Module]], bundle: Any, out: Path, opts: VizOptions
+    teacher: nn.Module,
+    students: Iterable[tuple[str, nn.Module]],
+    bundle: Any,
+    out: Path,
+    opts: VizOptions,
+    colours: Mapping[str, Any] | None = None,
 ) -> list[Path]:
     """Every figure, ``agreement.json`` and the exports of one teacher and its students."""
     device = resolve_device(opts.device)
@@ -126,7 +132,7 @@ def _visualise(
     if not metrics:
         raise ValueError("no student to draw: give at least one")
 
-    figure = agreement_bars(metrics)
+    figure = agreement_bars(metrics, colours=colours)
     figure.suptitle(f"agreement with the teacher on {opts.batch_size} test images ({k}-NN, {KNN_RELATION})")
     _emit(written, save_figure(figure, out / "agreement", formats, opts.dpi))
     record = {
@@ -219,7 +225,10 @@ def viz_run(
         for name in finished:
             yield from deployed_networks(run, config, name, seed, bundle)
 
-    return _visualise(teacher, students(), bundle, Path(out) if out else run.viz, opts)
+    colours = colour_map(
+        [*(n if n == "teacher" else f"teacher-{n}" for n in config.teachers), *config.methods]
+    )
+    return _visualise(teacher, students(), bundle, Path(out) if out else run.viz, opts, colours)
 
 
 def viz_checkpoints(

@@ -86,6 +86,13 @@ def method_colours(n: int) -> list[tuple[float, float, float]]:
     return [palette[i % len(palette)] for i in range(n)]
 
 
+def colour_map(names: Sequence[str]) -> dict[str, tuple[float, float, float]]:
+    """``{name: colour}`` in the order given: pass every figure of a run the same mapping (built from the
+    run's full list of methods) and a method keeps its colour from figure to figure."""
+    unique = list(dict.fromkeys(names))
+    return dict(zip(unique, method_colours(len(unique)), strict=True))
+
+
 def class_colours(n: int) -> np.ndarray:
     """``n`` distinct colours: tab10 / tab20 where they suffice, else evenly spaced on turbo."""
     if n <= 10:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import textwrap
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -33,6 +34,7 @@ def agreement_bars(
     keys: Sequence[str] | None = None,
     *,
     figsize: tuple[float, float] | None = None,
+    colours: Mapping[str, Any] | None = None,
 ) -> Figure:
     """Grouped bars: one group per metric, one bar per method, value printed on each bar.
 
@@ -43,6 +45,8 @@ def agreement_bars(
         keys: the metrics to show; default those of :data:`AGREEMENT_KEYS` present (or, if none is,
             every numeric key).
         figsize: inches; default grows with the number of bars.
+        colours: ``{method: colour}`` (default: tab10 in the order of ``metrics``), the mapping the
+            run's other figures use.
 
     Returns:
         A figure with one axes holding ``len(metrics) * len(keys)`` bars and a legend of methods.
@@ -61,7 +65,10 @@ def agreement_bars(
     fig = Figure(figsize=size, layout="constrained")
     ax = fig.subplots()
     centres = np.arange(len(keys))
-    for i, (method, colour) in enumerate(zip(methods, method_colours(len(methods)), strict=True)):
+    palette = dict(zip(methods, method_colours(len(methods)), strict=True))
+    palette.update(colours or {})
+    for i, method in enumerate(methods):
+        colour = palette[method]
         offset = (i - (len(methods) - 1) / 2) * width
         bars = ax.bar(centres + offset, table[i], width, color=colour, label=method)
         labels = ["" if np.isnan(v) else f"{v:.2f}" for v in table[i]]

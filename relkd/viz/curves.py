@@ -92,6 +92,9 @@ def training_curves(
     max_panels: int = 12,
     ncols: int = 3,
     panel_size: tuple[float, float] = (4.0, 3.0),
+    colours: Mapping[str, Any] | None = None,
+    log_keys: Sequence[str] = (),
+    boundary: float | None = None,
 ) -> Figure:
     """Accuracy, every loss term and every other logged quantity per epoch, for several methods.
 
@@ -111,6 +114,11 @@ def training_curves(
             warning (pass ``keys`` to choose).
         ncols: panels per row.
         panel_size: inches per panel.
+        colours: ``{method: colour}`` (default: tab10 in the order of ``runs``); give every figure of
+            a run the same mapping (:func:`relkd.viz._common.colour_map`) so a method keeps its colour.
+        log_keys: quantities drawn on a logarithmic y axis (losses whose scales differ by orders of
+            magnitude between methods; non-positive values are left out of such a panel).
+        boundary: an x value where the runs change stage, drawn as a dotted vertical line.
 
     Returns:
         A figure with one axes per quantity and one legend of the methods.
@@ -138,18 +146,27 @@ def training_curves(
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax in axes[len(keys) :]:
         ax.remove()
-    colours = method_colours(len(runs))
+    palette = dict(zip(runs, method_colours(len(runs)), strict=True))
+    palette.update(colours or {})
     spread = BANDS[band]
     for ax, key in zip(axes, keys, strict=False):
-        for colour, seeds in zip(colours, runs.values(), strict=True):
+        log = key in log_keys
+        for name, seeds in runs.items():
+            colour = palette[name]
             epochs, values = _seed_matrix(seeds, key, x)
-            if not len(epochs):
+            if log:
+                values = np.where(values > 0, values, np.nan)
+            if not len(epochs) or np.all(np.isnan(values)):
                 continue
             mean = np.nanmean(values, axis=0)
             ax.plot(epochs, mean, color=colour, linewidth=1.5, marker="o" if len(epochs) == 1 else None)
             if spread is not None and values.shape[0] >= 2:
                 lo, hi = spread(values)
                 ax.fill_between(epochs, lo, hi, color=colour, alpha=0.2, linewidth=0)
+        if log:
+            ax.set_yscale("log")
+        if boundary is not None:
+            ax.axvline(boundary, color="grey", linestyle=":", linewidth=1.0)
         ax.set_title(key)
         ax.set_xlabel(x)
         ax.grid(alpha=0.3)
@@ -158,11 +175,11 @@ def training_curves(
         Line2D(
             [],
             [],
-            color=c,
+            color=palette[name],
             linewidth=2,
             label=f"{name} ({len(seeds)} seed{'s' * (len(seeds) != 1)})",
         )
-        for c, (name, seeds) in zip(colours, runs.items(), strict=True)
+        for name, seeds in runs.items()
     ]
     fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 5))
     fig.suptitle("; ".join(filter(None, ["mean over seeds", _BAND_TITLES[band]])))
