@@ -147,7 +147,8 @@ class StageConfig:
             order, without augmentation: a pass that gathers statistics such as class centres).
 
     ``trainable`` and ``frozen`` paths may also name a network's modules up to a tap,
-    ``student.until(stage2)``, or between two taps, ``student.between(stage1, stage2)``; an empty
+    ``student.until(stage2)``, between two taps, ``student.between(stage1, stage2)``, or after one,
+    ``student.after(stage3)``; an empty
     ``trainable: []`` trains nothing (a pass that only gathers statistics).
     """
 

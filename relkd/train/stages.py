@@ -19,7 +19,8 @@ all loss modules, ``loss.<term>`` and below for their parts, ``steps.<i>`` for t
 the step of stage ``i`` (0-based).
 A network's modules up to a tap are ``student.until(stage2)`` (every module that runs before the
 tapped one, and the tapped one), between two taps ``student.between(stage1, stage2)`` (after the first
-tapped module, up to and including the second): found by running the network once on a probe batch,
+tapped module, up to and including the second), after a tap ``student.after(stage3)`` (to the end):
+found by running the network once on a probe batch,
 so they need no knowledge of the architecture.
 """
 
@@ -41,7 +42,7 @@ from relkd.registry import suggest
 __all__ = ["Stage", "TermUse", "build_stages", "find_module", "resolve_paths", "stage_parameters"]
 
 _CALL = re.compile(r"^(?P<target>[\w.]+)\((?P<args>[\w.,]*)\)$")
-_RANGE = re.compile(r"^(?P<net>[\w.]+)\.(?P<kind>until|between)\((?P<args>[^()]*)\)$")
+_RANGE = re.compile(r"^(?P<net>[\w.]+)\.(?P<kind>until|after|between)\((?P<args>[^()]*)\)$")
 
 
 @dataclass
@@ -190,13 +191,13 @@ def resolve_paths(
             continue
         network = find_module(root, match["net"], where)
         args = [a for a in match["args"].split(",") if a]
-        expected = 1 if match["kind"] == "until" else 2
+        expected = 2 if match["kind"] == "between" else 1
         if len(args) != expected:
             raise KeyError(f"{where}: {path!r} takes {expected} tap name(s), got {len(args)}")
         if probe is None:
             raise ValueError(f"{where}: {path!r} needs a probe batch to find the modules' order")
         specs = [taps(match["net"], a) if taps is not None else a for a in args]
-        start, end = (None, specs[0]) if expected == 1 else (specs[0], specs[1])
+        start, end = {"until": (None, specs[0]), "after": (specs[0], None)}.get(match["kind"], tuple(specs))
         modules += modules_between(network, probe, start, end)
     return modules
 
