@@ -24,25 +24,30 @@ parameter gradient. Losses over local anchors report their shard's value; :func:
 global-batch value for logging. HKD mixes both (local anchors, graph terms over the gathered batch): the
 all-reduce adds every rank's contribution to a shard, and the statement holds for it too.
 
-Shards must have the same size on every rank (``DistributedSampler`` pads the dataset so that they do,
-with or without ``drop_last``; a sharded on-device sampler must do the same). :func:`all_gather` takes
-``sizes`` for uneven shards; with :func:`relkd.set_debug` on it checks the sizes and names them.
+Shards must have the same size on every rank. relkd's training loaders give rank ``r`` the ``r``-th
+contiguous ``1 / W`` of each global batch and never pad: a global batch that ``W`` does not divide is
+given whole to every rank, which then computes that step alike with global relations off (see
+:mod:`relkd.train.parallel`). :func:`all_gather` takes ``sizes`` for uneven shards; with
+:func:`relkd.set_debug` on it checks the sizes and names them.
 
-Integration note for a trainer under ``torchrun --nproc_per_node N -m relkd run CONFIG``:
+Integration note for a trainer under ``torchrun --nproc_per_node N -m relkd run CONFIG`` (what
+:mod:`relkd.train.engine` does):
 
 1. When ``WORLD_SIZE > 1``: ``torch.distributed.init_process_group("nccl" if cuda else "gloo")`` from
    the environment (``torchrun`` sets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR/PORT``;
-   multi-node runs use its rendezvous the same way), then ``torch.cuda.set_device(LOCAL_RANK)`` and
-   ``device = cuda:LOCAL_RANK``. Seed identically on every rank before building the networks and losses,
-   or call :func:`broadcast_module` on the student and each loss module after building them (random bank
-   initialisations must agree: the banks are then kept identical by the losses).
-2. Batches: ``DistributedSampler(dataset, seed=seed, shuffle=True)`` with ``set_epoch(epoch)`` each
-   epoch, per-rank batch size = global batch size / ``W``; the on-device loader shards its seeded
-   permutation the same way (rank ``r`` takes positions ``r::W`` of a permutation padded to a multiple
-   of ``W``), so every rank draws the same number of equal-sized batches. Every batch carries
-   ``index`` (dataset indices) for the banks.
-3. Student: ``DistributedDataParallel(student, device_ids=[LOCAL_RANK] or None)``; convert its batch norms
-   with ``nn.SyncBatchNorm.convert_sync_batchnorm`` only if the config asks for it. Trainable loss
+   multi-node runs use its c10d rendezvous the same way), then ``torch.cuda.set_device(LOCAL_RANK)``
+   and ``device = cuda:LOCAL_RANK``. Seed identically on every rank before building the networks and
+   losses, or call :func:`broadcast_module` on the student and each loss module after building them
+   (random bank initialisations must agree: the banks are then kept identical by the losses).
+2. Batches: per-rank batch size = global batch size / ``W``; each rank takes its contiguous share of
+   every global batch of the seeded per-epoch order, so the shards concatenated in rank order are the
+   single-process batch, and augments each image with draws keyed to the image and the epoch, not to
+   the rank. Every batch carries ``index`` (dataset indices) for the banks.
+3. Student: ``DistributedDataParallel(student, device_ids=[LOCAL_RANK] or None)``. BatchNorm layers
+   normalise each rank's shard by default; :func:`convert_global_batchnorm` makes them use the
+   statistics of the global batch (two all-reduces per layer, on the CPU too, unlike
+   ``nn.SyncBatchNorm``), which the engine does when ``train.sync_bn`` asks for it (by default
+   whenever ``W > 1`` and a trained module has BatchNorm). Trainable loss
    modules (projections, GNN encoders, heads) are called through ``distill`` and other methods, not
    ``forward``, so DDP's forward hooks would not run: leave them unwrapped and call
    :func:`average_gradients` on ``loss.parameters()`` after ``backward`` and before ``optimizer.step()``
@@ -56,7 +61,9 @@ Integration note for a trainer under ``torchrun --nproc_per_node N -m relkd run 
 5. Every rank runs every loss on every step (the losses hold collectives: a loss called on one rank
    only waits forever). Code that runs on rank 0 alone (evaluation, probes, plots) wraps loss calls in
    ``with global_relations(False):``. A step that shares one graph between several losses builds it
-   with :func:`global_graph` (tensors passed to a loss are gathered by the loss itself).
+   with :func:`global_graph` (tensors passed to a loss are gathered by the loss itself). A check that
+   may stop the run (a non-finite loss on one rank) is agreed on by every rank with one collective, so
+   that all of them stop together instead of waiting on the others' next collective.
 6. Rank 0 alone logs, writes checkpoints (``student.module.state_dict()`` and each loss's
    ``state_dict()``: banks are identical on every rank) and writes the result tables; log loss values
    averaged with :func:`reduce_mean`. Evaluate on rank 0 (or shard the test set and reduce the counts).
@@ -74,7 +81,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
 from relkd._debug import is_debug
 from relkd.graphs import RelationGraph, as_graph
@@ -88,6 +95,7 @@ __all__ = [
     "all_gather",
     "reduce_mean",
     "all_reduce_mean_",
+    "all_reduce_sum",
     "average_gradients",
     "broadcast_module",
     "set_global_relations",
@@ -95,6 +103,11 @@ __all__ = [
     "global_relations",
     "global_graph",
     "is_global_graph",
+    "GlobalBatchNorm1d",
+    "GlobalBatchNorm2d",
+    "GlobalBatchNorm3d",
+    "convert_global_batchnorm",
+    "has_batchnorm",
 ]
 
 _global_relations: bool = True
@@ -210,6 +223,33 @@ def reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Forward: the sum over ranks. Backward: the sum of the incoming gradients over ranks."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        out = x.contiguous().clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """The sum of ``x`` over ranks; differentiable, with the backward of :func:`all_gather`'s
+    convention (the gradient is summed over ranks). ``x`` itself outside a process group of more than
+    one rank.
+
+    Shapes:
+        any -> the same shape.
+    """
+    return _AllReduceSum.apply(x) if is_distributed() else x
+
+
 @torch.no_grad()
 def all_reduce_mean_(tensors: Iterable[torch.Tensor]) -> None:
     """Replace each tensor by its mean over ranks, in place, in one all-reduce per device and dtype.
@@ -300,3 +340,87 @@ def is_global_graph(graph: RelationGraph) -> bool:
     """Whether ``graph`` was built over the global batch by :func:`global_graph` (or a loss), in eager
     mode (the record is not kept while ``torch.compile`` traces)."""
     return graph in _global_graphs
+
+
+class _GlobalStatistics:
+    """Training-mode statistics over the global batch under global relations; else plain BatchNorm."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        if self.training and global_relations_enabled():
+            self._check_input_dim(input)
+            return _global_batch_norm(self, input)
+        return super().forward(input)
+
+
+class GlobalBatchNorm1d(_GlobalStatistics, nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` whose training statistics are those of the global batch (see
+    :func:`convert_global_batchnorm`)."""
+
+
+class GlobalBatchNorm2d(_GlobalStatistics, nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` whose training statistics are those of the global batch (see
+    :func:`convert_global_batchnorm`)."""
+
+
+class GlobalBatchNorm3d(_GlobalStatistics, nn.BatchNorm3d):
+    """``nn.BatchNorm3d`` whose training statistics are those of the global batch (see
+    :func:`convert_global_batchnorm`)."""
+
+
+_GLOBAL_BATCHNORM = {
+    nn.BatchNorm1d: GlobalBatchNorm1d,
+    nn.BatchNorm2d: GlobalBatchNorm2d,
+    nn.BatchNorm3d: GlobalBatchNorm3d,
+}
+
+
+def convert_global_batchnorm(module: nn.Module) -> int:
+    r"""Make every ``nn.BatchNorm1d/2d/3d`` inside ``module`` normalise with the statistics of the
+    global batch in training mode; returns how many layers it converted.
+
+    In place: each layer keeps its parameters, buffers, hooks and ``state_dict`` keys, only its class
+    changes, so it can be done after taps and optimisers are set up and checkpoints load either way.
+    The mean and the (biased) variance of each channel are summed over ranks with
+    :func:`all_reduce_sum` in two passes, :math:`\mu = \sum_r S_r / N`,
+    :math:`\sigma^2 = \sum_r \sum_{x \in r} (x - \mu)^2 / N` (``N`` images times positions over all
+    ranks), and the running statistics are updated with the unbiased :math:`\sigma^2 N / (N - 1)`, as
+    one process on the global batch does. The backward sums over ranks, so the gradient follows the
+    convention of the module docstring. Outside global relations (one process, a replicated step,
+    code on one rank) and in eval mode the layers are plain BatchNorm. Unlike ``nn.SyncBatchNorm`` it
+    runs on the CPU (gloo) as well; other BatchNorm subclasses are left as they are.
+    """
+    converted = 0
+    for m in module.modules():
+        cls = _GLOBAL_BATCHNORM.get(type(m))
+        if cls is not None:
+            m.__class__ = cls
+            converted += 1
+    return converted
+
+
+def has_batchnorm(module: nn.Module) -> bool:
+    """Whether ``module`` holds a BatchNorm layer (of any kind)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+def _global_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Tensor:
+    dims = [0, *range(2, x.dim())]
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))  # half precision is normalised in float32
+    local = torch.cat([xf.sum(dims), xf.new_full((1,), xf.numel() // max(xf.shape[1], 1))])
+    total = all_reduce_sum(local)
+    count = total[-1].detach()
+    mean = total[:-1] / count
+    centred = xf - mean.view(shape)
+    var = all_reduce_sum(centred.square().sum(dims)) / count
+    out = centred * torch.rsqrt(var + bn.eps).view(shape)
+    if bn.affine:
+        out = out * bn.weight.view(shape) + bn.bias.view(shape)
+    if bn.track_running_stats and bn.running_mean is not None:
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+            factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+            bn.running_mean.lerp_(mean.detach().to(bn.running_mean.dtype), factor)
+            unbiased = var.detach() * count / (count - 1).clamp(min=1)
+            bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), factor)
+    return out.to(x.dtype)

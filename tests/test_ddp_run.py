@@ -3,10 +3,11 @@
 The end-to-end check launches two gloo processes on the loopback interface and compares them with one
 process on the same global batch. The tiny config makes an epoch a single optimiser step (20 labelled
 digits, batch 20, no augmentation, an untrained teacher): the two-process step sees the same 20 images
-(each rank 10 of them, in another order, which no loss depends on), so its loss values and the weights
-after the step must equal the single-process ones. A relational loss over each rank's 10 images alone,
-or a gradient off by the factor ``W`` of the convention in :mod:`relkd.distributed`, would not.
-``rkd_clip`` takes the ``clip_to_ce`` path (no DDP; the two gradients averaged before the rule).
+(each rank its contiguous 10 of them), so its loss values and the weights after the step must equal the
+single-process ones. A relational loss over each rank's 10 images alone, or a gradient off by the factor
+``W`` of the convention in :mod:`relkd.distributed`, would not. ``rkd_clip`` takes the ``clip_to_ce``
+path (no DDP; the two gradients averaged before the rule). Whole runs of several epochs, with
+replicated tails and BatchNorm: ``tests/test_ddp_invariance.py``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ seeds: [0]
 threads: 1
 log_agreement: false
 tensorboard: false
+check_teachers: false
 """
 
 
@@ -53,17 +55,37 @@ def _indices(loader) -> list[list[int]]:
 
 # ------------------------------------------------------------------------------------ sharded loaders
 @pytest.mark.parametrize("kind", ["tensor", "dataloader"])
-def test_training_shards_split_the_padded_order(train_set, kind):
-    n, world = len(train_set), 3
-    whole = sum(_indices(make_loader(train_set, n, True, 7, loader=kind)), [])
+@pytest.mark.parametrize("world", [2, 3])
+def test_training_shards_are_contiguous_parts_of_the_single_process_batches(train_set, kind, world):
+    n, per_rank = len(train_set), 16  # 1347 images: the last global batch does not split evenly
+    single = _indices(make_loader(train_set, per_rank * world, True, 7, loader=kind))
     shards = [
-        sum(_indices(make_loader(train_set, 16, True, 7, loader=kind, rank=r, world_size=world)), [])
+        list(make_loader(train_set, per_rank, True, 7, loader=kind, rank=r, world_size=world))
         for r in range(world)
     ]
-    padded = whole + whole[: -n % world]
-    assert [len(s) for s in shards] == [len(padded) // world] * world
-    for r, shard in enumerate(shards):
-        assert shard == padded[r::world]
+    assert all(len(s) == len(single) for s in shards)
+    for step, whole in enumerate(single):
+        parts = [s[step] for s in shards]
+        flags = {bool(f) for p in parts for f in p["replicated"]}
+        if len(whole) % world:  # every rank holds the whole batch, flagged, nothing repeated
+            assert flags == {True} and all(p["index"].tolist() == whole for p in parts)
+        else:  # the ranks' shards in rank order are the single-process batch
+            assert flags == {False} and sum((p["index"].tolist() for p in parts), []) == whole
+    # 1347 = 3 x 449: the last batch (3 images) is replicated on 2 ranks and split 1 + 1 + 1 on 3
+    assert any(len(whole) % world for whole in single) == (world == 2) and n == 1347
+    assert sorted(sum(single, [])) == sorted(train_set.indices.tolist())
+
+
+def test_a_tail_that_splits_evenly_is_sharded(train_set):
+    subset = train_set.subset(torch.arange(36))  # batches of 16, 16 and 4: the 4 split 2 + 2
+    shards = [_indices(make_loader(subset, 8, True, 1, rank=r, world_size=2)) for r in range(2)]
+    assert [len(b) for b in shards[0]] == [8, 8, 2] and [len(b) for b in shards[1]] == [8, 8, 2]
+    assert sorted(sum(shards[0] + shards[1], [])) == sorted(subset.indices.tolist())
+
+
+def test_one_process_batches_carry_no_flag(train_set):
+    batch = next(iter(make_loader(train_set, 8, True, 0)))
+    assert set(batch) == {"input", "target", "index"}
 
 
 def test_evaluation_shards_cover_the_test_set_once(train_set):

@@ -171,6 +171,123 @@ def gather_mechanics() -> dict:
     )
 
 
+def batchnorm_step(rows: slice) -> dict:
+    """A BatchNorm layer converted to global statistics, on this rank's rows of a ``[B, 3, 2, 2]`` batch;
+    the loss is the sum of every rank's ``sum(out * weight)`` over its rows."""
+    g = torch.Generator().manual_seed(3)
+    x_all = 2 + 3 * torch.randn(B, 3, 2, 2, generator=g, dtype=torch.float64)
+    w_all = torch.randn(B, 3, 2, 2, generator=g, dtype=torch.float64)
+    bn = nn.BatchNorm2d(3, momentum=0.3).double()
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.0, 2.0, -0.5], dtype=torch.float64))
+        bn.bias.copy_(torch.tensor([0.1, 0.0, -0.2], dtype=torch.float64))
+    if D.world_size() > 1:
+        assert D.convert_global_batchnorm(bn) == 1
+    x = x_all[rows].clone().requires_grad_()
+    out = bn(x)
+    (out * w_all[rows]).sum().backward()
+    stats = (bn.running_mean.clone(), bn.running_var.clone(), int(bn.num_batches_tracked))
+    with D.global_relations(False):
+        local = bn(x_all[rows]).detach()
+    return dict(
+        out=out.detach(),
+        grad=x.grad,
+        params=(bn.weight.grad, bn.bias.grad),
+        stats=stats,
+        local=local,
+        local_reference=F.batch_norm(x_all[rows], None, None, bn.weight.detach(), bn.bias.detach(), True),
+    )
+
+
+def kdsvd_step(rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    """KD-SVD's summed loss on this rank's rows: the value, and the gradient of the student's rows."""
+    g = torch.Generator().manual_seed(4)
+    s = [torch.randn(B, 3, 3, 3, generator=g, dtype=torch.float64) for _ in range(2)]
+    t = [torch.randn(B, 3, 3, 3, generator=g, dtype=torch.float64) for _ in range(2)]
+    mine = [x[rows].clone().requires_grad_() for x in s]
+    loss = LF.kd_svd(mine, [x[rows] for x in t], reduction="sum")
+    loss.backward()
+    return loss.detach(), mine[0].grad
+
+
+def assemble_batches() -> dict:
+    """What :func:`relkd.train.parallel.assemble` makes of a sharded, a replicated and a mixed batch."""
+    from relkd.train.parallel import assemble
+
+    r, flag = D.rank(), "replicated"
+    labelled = {"input": torch.arange(6.0).reshape(3, 2), "index": torch.tensor([7, 8, 9])}
+    labelled[flag] = torch.ones(3, dtype=torch.bool)
+    transfer = {"input": 10.0 * (r + 1) + torch.zeros(2, 2), "index": torch.tensor([2 * r, 2 * r + 1])}
+    transfer[flag] = torch.zeros(2, dtype=torch.bool)
+    mixed = {k: torch.cat([labelled[k], transfer[k]]) for k in labelled}
+    return {
+        name: assemble(batch)
+        for name, batch in {"mixed": mixed, "sharded": transfer, "whole": labelled}.items()
+    }
+
+
+def tally_and_stop() -> dict:
+    """A replicated step counted once; a NaN on rank 1 alone stops both ranks with one message."""
+    from relkd.train.tally import EpochTally, NonFiniteLossError
+
+    tally = EpochTally(["ce", "rkd"], torch.device("cpu"))
+    logits = torch.eye(4)[[0, 1, 2, 3]]
+    tally.add_accuracy(logits, torch.tensor([0, 1, 2, 0]), replicated=True)  # 3 of 4 right, once
+    tally.add_accuracy(logits[:2], torch.tensor([0, 0]) + D.rank())  # rank r: 1 of 2 right
+    messages = []
+    for step in range(1, 5):
+        bad = step >= 3 and D.rank() == 1
+        tally.add(torch.tensor([1.0, float("nan") if bad else 0.5]), torch.tensor(1.5), step)
+        try:
+            tally.check(0, 10, "train", Path("/nonexistent/checkpoint.pt"))
+        except NonFiniteLossError as e:
+            messages.append((step, str(e)))
+            break
+    tally.reduce()
+    return {"accuracy": tally.accuracy(), "labelled": float(tally.labelled), "messages": messages}
+
+
+def engine_fault(folder: str) -> dict:
+    """A two-rank run whose cross-entropy overflows on rank 1 alone at step 2: every rank must stop
+    there with the same error instead of waiting for rank 1 in the next collective."""
+    from relkd.config.schema import TrainConfig
+    from relkd.train import Engine, NonFiniteLossError, TrainBatches, build_stages
+
+    class Steps:
+        def __init__(self, batches: list) -> None:
+            self.batches = batches
+
+        def __len__(self) -> int:
+            return len(self.batches)
+
+        def set_epoch(self, epoch: int) -> None:
+            pass
+
+        def __iter__(self):
+            return iter(self.batches)
+
+    g = torch.Generator().manual_seed(5 + D.rank())
+    batches = [
+        {"input": torch.randn(4, 6, generator=g), "target": torch.arange(4) % C, "index": torch.arange(4)}
+        for _ in range(4)
+    ]
+    if D.rank() == 1:
+        batches[1]["input"][0, 0] = float("inf")  # rank 1's loss is not finite at step 2
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, C))
+    stages = build_stages(None, TrainConfig(epochs=1, optimizer={"name": "sgd", "lr": 0.1}), {})
+    engine = Engine(
+        {"student": student}, stages, TrainBatches(Steps(batches)), [batches[0]], Path(folder) / "run",
+        probe=batches[0]["input"], quiet=True, tensorboard=False, log_agreement=False,
+    )  # fmt: skip
+    start = time.monotonic()
+    try:
+        engine.fit()
+    except NonFiniteLossError as e:
+        return {"error": str(e), "seconds": time.monotonic() - start}
+    return {"error": None, "seconds": time.monotonic() - start}
+
+
 def weights() -> torch.Tensor:
     return torch.linspace(-1.0, 2.0, 10, dtype=torch.float64).reshape(5, 2)
 
@@ -181,6 +298,8 @@ SCENARIOS = {
     "hkd": hkd_step,
     "queue": queue_step,
     "training": training_step,
+    "batchnorm": batchnorm_step,
+    "kdsvd": kdsvd_step,
 }
 
 
@@ -192,6 +311,9 @@ def _worker(r: int, folder: str) -> None:
     try:
         results = {name: fn(shard(r)) for name, fn in SCENARIOS.items()}
         results["mechanics"] = gather_mechanics()
+        results["assemble"] = assemble_batches()
+        results["tally"] = tally_and_stop()
+        results["fault"] = engine_fault(folder)
     finally:
         dist.destroy_process_group()
     torch.save(results, Path(folder) / f"rank{r}.pt")
@@ -327,6 +449,82 @@ def test_means_over_ranks(ranks):
         first, second = ranks[r]["mechanics"]["means_in_place"]
         assert torch.equal(first, torch.tensor([0.5, 2.0]))
         assert torch.equal(second, torch.ones(2, 2, dtype=torch.float64))
+
+
+def test_global_batchnorm_equals_batchnorm_on_the_concatenated_batch(ranks):
+    g = torch.Generator().manual_seed(3)
+    x_all = (2 + 3 * torch.randn(B, 3, 2, 2, generator=g, dtype=torch.float64)).requires_grad_()
+    w_all = torch.randn(B, 3, 2, 2, generator=g, dtype=torch.float64)
+    weight = torch.tensor([1.0, 2.0, -0.5], dtype=torch.float64, requires_grad=True)
+    bias = torch.tensor([0.1, 0.0, -0.2], dtype=torch.float64, requires_grad=True)
+    # the textbook formula over all B * 2 * 2 values of each channel
+    mean = x_all.mean(dim=(0, 2, 3))
+    var = ((x_all - mean.view(1, -1, 1, 1)) ** 2).mean(dim=(0, 2, 3))
+    out = (x_all - mean.view(1, -1, 1, 1)) / torch.sqrt(var + 1e-5).view(1, -1, 1, 1)
+    out = out * weight.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
+    (out * w_all).sum().backward()
+    n = B * 2 * 2
+    running = (0.3 * mean.detach(), 0.7 + 0.3 * var.detach() * n / (n - 1))
+    for r in range(W):
+        got = ranks[r]["batchnorm"]
+        assert_close(got["out"], out.detach()[shard(r)])
+        assert_close(got["grad"], x_all.grad[shard(r)])  # the statistics' gradient summed over ranks
+        assert_close(got["stats"][0], running[0])
+        assert_close(got["stats"][1], running[1])
+        assert got["stats"][2] == 1
+        # global relations off (a replicated step): the shard's own statistics
+        assert_close(got["local"], got["local_reference"])
+    # parameters: DDP's sum over ranks of each rank's gradient is that of the whole loss
+    for i, expected in enumerate((weight.grad, bias.grad)):
+        assert_close(sum(ranks[r]["batchnorm"]["params"][i] for r in range(W)), expected)
+
+
+def test_kdsvd_sum_is_over_the_global_batch(ranks):
+    g = torch.Generator().manual_seed(4)
+    s = [torch.randn(B, 3, 3, 3, generator=g, dtype=torch.float64) for _ in range(2)]
+    t = [torch.randn(B, 3, 3, 3, generator=g, dtype=torch.float64) for _ in range(2)]
+    first = s[0].clone().requires_grad_()
+    loss = LF.kd_svd([first, s[1]], t, reduction="sum")
+    loss.backward()
+    # per-sample terms: the shard sums add up to the global sum; W x the shard's keeps the scale
+    assert_close(sum(ranks[r]["kdsvd"][0] for r in range(W)) / W, loss.detach())
+    for r in range(W):
+        assert_close(ranks[r]["kdsvd"][1] / W, first.grad[shard(r)])
+
+
+def test_assemble_gathers_the_sharded_part_of_a_mixed_batch(ranks):
+    for r in range(W):
+        got = ranks[r]["assemble"]
+        mixed, replicated = got["mixed"]
+        assert replicated and set(mixed) == {"input", "index"}
+        assert mixed["index"].tolist() == [7, 8, 9, 0, 1, 2, 3]  # labelled, then rank 0's and 1's
+        assert torch.equal(mixed["input"][3:], torch.tensor([[10.0] * 2] * 2 + [[20.0] * 2] * 2))
+        sharded, replicated = got["sharded"]
+        assert not replicated and sharded["index"].tolist() == [2 * r, 2 * r + 1]
+        whole, replicated = got["whole"]
+        assert replicated and whole["index"].tolist() == [7, 8, 9]
+
+
+def test_a_replicated_step_counts_its_images_once(ranks):
+    for r in range(W):
+        # rank 0: 3 of 4 (replicated, once) + 1 of 2; rank 1: 1 of 2
+        assert ranks[r]["tally"]["labelled"] == 8
+        assert ranks[r]["tally"]["accuracy"] == pytest.approx(100 * 5 / 8)
+
+
+def test_a_non_finite_term_on_one_rank_stops_every_rank_at_the_same_step(ranks):
+    for r in range(W):
+        [(step, message)] = ranks[r]["tally"]["messages"]
+        assert step == 3
+        assert "'rkd'" in message and "step 3" in message and "rank 1 of 2" in message
+
+
+def test_a_run_with_a_fault_on_one_rank_ends_on_every_rank(ranks):
+    for r in range(W):
+        fault = ranks[r]["fault"]
+        assert fault["error"] is not None, f"rank {r} finished the run"
+        assert "'ce'" in fault["error"] and "at step 2" in fault["error"] and "rank 1 of 2" in fault["error"]
+        assert fault["seconds"] < 30  # not the 60 s collective timeout
 
 
 # ------------------------------------------------------------------ one process: identities, no-ops

@@ -104,6 +104,9 @@ class TrainConfig:
             null clips to the full norm.
         batch_transform: ``{name, **options}`` of a registered transform applied to every training
             batch once, before any network sees it (``identity``).
+        sync_bn: under ``torchrun``, BatchNorm layers of the trained modules normalise with the
+            statistics of the global batch rather than each process's shard; null (default): on when
+            there are several processes and a BatchNorm layer, off otherwise. One process: no effect.
     """
 
     epochs: int = 10
@@ -118,6 +121,7 @@ class TrainConfig:
     clip_to_ce: bool = False
     clip_to_ce_ramp: str | None = None
     batch_transform: dict[str, Any] = field(default_factory=lambda: {"name": "identity"})
+    sync_bn: bool | None = None
 
 
 @dataclass

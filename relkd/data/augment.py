@@ -4,6 +4,10 @@ The random draws (crop offsets, flip decisions) come from a CPU ``torch.Generato
 moved to the images' device, so a seeded run augments identically on CPU and GPU. Crop padding is
 applied to pixel values in [0, 1] *before* normalisation, i.e. the border is black, as with
 torchvision's ``RandomCrop(size, padding)`` followed by ``Normalize``.
+
+The loaders draw one epoch's augmentation for every item of the dataset at once
+(:func:`draw_augment`) and apply each item's own draws wherever the item lands (:func:`apply_augment`):
+an image is augmented the same way whichever batch, position or process it is drawn in.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["AugmentSpec", "augment_batch", "crop", "hflip", "normalize"]
+__all__ = ["AugmentSpec", "apply_augment", "augment_batch", "crop", "draw_augment", "hflip", "normalize"]
 
 
 @dataclass(frozen=True)
@@ -74,15 +78,35 @@ def hflip(images: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask, images.flip(-1), images)
 
 
+def draw_augment(spec: AugmentSpec, n: int, generator: torch.Generator) -> Tensor:
+    """The random draws of ``n`` images under ``spec``, from ``generator``.
+
+    Returns:
+        ``[3, n]`` int64 on the CPU: crop offsets ``top`` and ``left`` (in ``[0, 2 padding]``; ``padding``
+        when there is no crop) and the flip decision (0 or 1; 0 without flips).
+    """
+    draws = torch.zeros(3, n, dtype=torch.long)
+    draws[:2] = spec.padding
+    if spec.padding:
+        draws[:2] = torch.randint(0, 2 * spec.padding + 1, (2, n), generator=generator)
+    if spec.flip:
+        draws[2] = (torch.rand(n, generator=generator) < 0.5).long()
+    return draws
+
+
+def apply_augment(images: Tensor, spec: AugmentSpec, draws: Tensor) -> Tensor:
+    """Apply ``spec`` to a ``[B, C, H, W]`` float batch in [0, 1] with each image's ``[3, B]`` draws
+    (:func:`draw_augment`'s, indexed by the batch's items)."""
+    if spec.padding:
+        images = crop(images, spec.padding, draws[0], draws[1])
+    if spec.flip:
+        images = hflip(images, draws[2].bool())
+    return images
+
+
 def augment_batch(images: Tensor, spec: AugmentSpec, generator: torch.Generator) -> Tensor:
     """Apply ``spec`` to a ``[B, C, H, W]`` float batch in [0, 1]; draws come from ``generator``."""
-    b = images.shape[0]
-    if spec.padding:
-        offsets = torch.randint(0, 2 * spec.padding + 1, (2, b), generator=generator)
-        images = crop(images, spec.padding, offsets[0], offsets[1])
-    if spec.flip:
-        images = hflip(images, torch.rand(b, generator=generator) < 0.5)
-    return images
+    return apply_augment(images, spec, draw_augment(spec, images.shape[0], generator))
 
 
 def normalize(images: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor) -> Tensor:

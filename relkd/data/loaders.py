@@ -13,10 +13,19 @@ the current epoch and then advances it by one; ``set_epoch(e)`` sets it, so a ru
 
 ``make_loader(..., loader="dataloader")`` serves an in-memory dataset through the torch ``DataLoader``
 too (per-item indexing and collation, then the same batch augmentation on the device), to compare the
-two paths. Under data parallelism (``rank``, ``world_size``) each rank takes positions ``rank::world_size``
-of the epoch's order; with ``even=True`` (training) the order is first padded with its own first items
-to a multiple of ``world_size``, as ``DistributedSampler`` does, so every rank draws the same number of
-equal-sized batches; with ``even=False`` (evaluation) nothing is repeated and shards may differ by one.
+two paths. Augmentation is drawn per item (:func:`relkd.data.augment.draw_augment`): image ``i`` of
+epoch ``e`` is augmented the same way in whatever batch, position or process it lands.
+
+Under data parallelism (``rank``, ``world_size`` = ``W``) a training loader (``even=True``) cuts the
+epoch's order into *global* batches of ``W * batch_size`` images, exactly the batches of one process
+with that batch size, and gives rank ``r`` the ``r``-th contiguous ``1 / W`` of each, so that the ranks'
+shards, concatenated in rank order, are the single-process batch. A batch whose size ``W`` does not
+divide (the epoch's last one) is not padded with repeated images: every rank gets all of it, and each
+batch then carries a boolean ``replicated`` row flag (``[B]``, on the CPU, only when ``W > 1``) that
+says so; the engine computes such a step on every rank alike, without gathering (see
+:func:`relkd.train.parallel.assemble`), so every image of the epoch is weighted once. An evaluation
+loader (``even=False``) gives rank ``r`` positions ``r::W`` instead, each image exactly once, and no
+flag.
 """
 
 from __future__ import annotations
@@ -28,15 +37,17 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from relkd.data.augment import augment_batch, normalize
+from relkd.data.augment import apply_augment, draw_augment, normalize
 from relkd.data.seeding import AUGMENT, SHUFFLE, derive_seed
 from relkd.data.tensor_dataset import InMemoryDataset
 
-__all__ = ["LOADERS", "EpochDataLoader", "TensorDataLoader", "make_loader"]
+__all__ = ["LOADERS", "REPLICATED", "EpochDataLoader", "TensorDataLoader", "make_loader"]
 
 Batch = dict[str, Tensor]
 # ``auto``: the tensor path for in-memory datasets, the DataLoader path for everything else.
 LOADERS = ("auto", "tensor", "dataloader")
+# The row flag of a training batch that every rank holds whole (see the module docstring).
+REPLICATED = "replicated"
 
 
 class _Epochs:
@@ -60,21 +71,34 @@ class _Epochs:
             raise ValueError(f"expected 0 <= rank < world_size, got rank {rank} and world_size {world_size}")
         self.total_items = num_items
         self.rank, self.world_size, self.even = rank, world_size, even
-        # this rank's share of the (padded when even) order
-        self.num_items = -(-num_items // world_size) if even else len(range(rank, num_items, world_size))
+        # the images this loader's batches are cut from, and the size of those batches
+        self.num_items = num_items if even else len(range(rank, num_items, world_size))
         self.batch_size = batch_size
+        self.step_size = batch_size * world_size if even else batch_size
         self.seed = seed
         self.drop_last = drop_last
         self.epoch = 0
 
-    def _shard(self, order: Tensor) -> Tensor:
-        """This rank's positions ``rank::world_size`` of ``order`` (padded first when ``even``)."""
-        if self.world_size == 1:
-            return order
-        if self.even:
-            pad = self.num_items * self.world_size - order.shape[0]
-            order = torch.cat([order, order[:pad]])
-        return order[self.rank :: self.world_size]
+    def _batches(self, order: Tensor) -> list[tuple[Tensor, bool]]:
+        """This rank's positions of ``order`` for each batch, and whether the batch is replicated."""
+        w, size = self.world_size, self.step_size
+        if not self.even:
+            mine = order[self.rank :: w]
+            return [(mine[k * size : (k + 1) * size], False) for k in range(len(self))]
+        out = []
+        for k in range(len(self)):
+            batch = order[k * size : (k + 1) * size]
+            n = batch.shape[0]
+            if n % w:
+                out.append((batch, True))
+            else:
+                out.append((batch[self.rank * (n // w) : (self.rank + 1) * (n // w)], False))
+        return out
+
+    def _flag(self, batch: Batch, replicated: bool) -> Batch:
+        if self.even and self.world_size > 1:
+            batch[REPLICATED] = torch.full((batch["target"].shape[0],), replicated, dtype=torch.bool)
+        return batch
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next ``iter()`` produce epoch ``epoch``'s order and augmentation."""
@@ -88,8 +112,8 @@ class _Epochs:
 
     def __len__(self) -> int:
         if self.drop_last:
-            return self.num_items // self.batch_size
-        return -(-self.num_items // self.batch_size)
+            return self.num_items // self.step_size
+        return -(-self.num_items // self.step_size)
 
 
 class TensorDataLoader(_Epochs):
@@ -104,10 +128,13 @@ class TensorDataLoader(_Epochs):
         device: where batches are produced (default CPU).
         augment: apply ``dataset.augment_spec`` (default: ``dataset.augment``).
         rank, world_size: this process's shard (see the module docstring).
-        even: pad the order so every rank gets the same number of images.
+        even: training shards: contiguous ``1 / world_size`` of each global batch of
+            ``world_size * batch_size`` images (see the module docstring); else positions
+            ``rank::world_size``.
 
     Yields:
-        ``{"input": float32 [B, C, H, W] normalised, "target": int64 [B], "index": int64 [B]}``.
+        ``{"input": float32 [B, C, H, W] normalised, "target": int64 [B], "index": int64 [B]}``, and
+        ``"replicated": bool [B]`` (CPU) for a training loader of ``world_size > 1``.
     """
 
     def __init__(
@@ -138,20 +165,23 @@ class TensorDataLoader(_Epochs):
         epoch = self._start_epoch()
         if self.shuffle:
             shuffle_rng = torch.Generator().manual_seed(derive_seed(self.seed, epoch, SHUFFLE))
-            order = self._shard(torch.randperm(self.total_items, generator=shuffle_rng)).to(self.device)
+            order = torch.randperm(self.total_items, generator=shuffle_rng)
         else:
-            order = self._shard(torch.arange(self.total_items)).to(self.device)
-        augment_rng = torch.Generator().manual_seed(derive_seed(self.seed, epoch, AUGMENT))
-        for b in range(len(self)):
-            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            order = torch.arange(self.total_items)
+        draws = None
+        if self.augment:
+            augment_rng = torch.Generator().manual_seed(derive_seed(self.seed, epoch, AUGMENT))
+            draws = draw_augment(self.dataset.augment_spec, self.total_items, augment_rng).to(self.device)
+        for idx, replicated in self._batches(order.to(self.device)):
             x = self.images[idx].float().div_(self.dataset.max_value)
-            if self.augment:
-                x = augment_batch(x, self.dataset.augment_spec, augment_rng)
-            yield {
+            if draws is not None:
+                x = apply_augment(x, self.dataset.augment_spec, draws[:, idx])
+            batch = {
                 "input": normalize(x, self.mean, self.std),
                 "target": self.targets[idx],
                 "index": self.indices[idx],
             }
+            yield self._flag(batch, replicated)
 
 
 class EpochDataLoader(_Epochs):
@@ -191,27 +221,31 @@ class EpochDataLoader(_Epochs):
             dataset = dataset.for_epoch(derive_seed(self.seed, epoch, AUGMENT))
         in_memory = isinstance(dataset, InMemoryDataset)
         generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch, SHUFFLE))
-        order = torch.randperm(self.total_items, generator=generator) if self.shuffle else None
-        if order is None and self.world_size > 1:
-            order = torch.arange(self.total_items)
+        order = (
+            torch.randperm(self.total_items, generator=generator)
+            if self.shuffle
+            else torch.arange(self.total_items)
+        )
+        batches = self._batches(order)
         loader = DataLoader(
             _RawImages(dataset) if in_memory else dataset,
-            batch_size=self.batch_size,
-            sampler=None if order is None else self._shard(order).tolist(),
+            batch_sampler=[idx.tolist() for idx, _ in batches],
             num_workers=self.num_workers,
-            drop_last=self.drop_last,
             pin_memory=self.device.type == "cuda",
             generator=generator,
         )
-        augment_rng = torch.Generator().manual_seed(derive_seed(self.seed, epoch, AUGMENT))
-        for batch in loader:
+        draws = None
+        if in_memory and dataset.augment:
+            augment_rng = torch.Generator().manual_seed(derive_seed(self.seed, epoch, AUGMENT))
+            draws = draw_augment(dataset.augment_spec, self.total_items, augment_rng)
+        for batch, (idx, replicated) in zip(loader, batches, strict=True):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             if in_memory:
                 x = batch["input"]
-                if dataset.augment:
-                    x = augment_batch(x, dataset.augment_spec, augment_rng)
+                if draws is not None:
+                    x = apply_augment(x, dataset.augment_spec, draws[:, idx])
                 batch["input"] = normalize(x, dataset.mean, dataset.std)
-            yield batch
+            yield self._flag(batch, replicated)
 
 
 class _RawImages(Dataset):
@@ -248,7 +282,8 @@ def make_loader(
     Args:
         dataset: a relkd dataset (``bundle.train``, ``bundle.test``, ``bundle.transfer``) or any
             dataset whose items are dicts of tensors.
-        batch_size: images per batch (per rank).
+        batch_size: images per batch on this rank: a training loader's (``even``) global batches hold
+            ``world_size * batch_size`` images.
         shuffle: seeded random order, a new one each epoch.
         seed: run seed; together with the epoch it fixes order and augmentation.
         num_workers: decoding processes for the torch ``DataLoader`` path (the in-memory path
@@ -260,8 +295,9 @@ def make_loader(
         loader: ``auto`` (the tensor path for an ``InMemoryDataset``, else the ``DataLoader``
             path), ``tensor`` or ``dataloader``.
         rank, world_size: the shard of this process under data parallelism.
-        even: pad the epoch's order so every rank gets as many images (training); ``False`` shards
-            without repeating any image (evaluation).
+        even: training shards (every rank draws as many batches; a last batch that ``world_size``
+            does not divide is given whole to every rank, flagged ``replicated``); ``False``: positions
+            ``rank::world_size`` (evaluation: each image once, shards may differ by one).
 
     Returns:
         A ``TensorDataLoader`` or an ``EpochDataLoader``; both have ``set_epoch(epoch)`` and

@@ -109,9 +109,11 @@ def _keep_classes(bundle: DataBundle, classes: list[int]) -> DataBundle:
 def make_batches(bundle: DataBundle, data: Any, seed: int, device: torch.device) -> tuple[TrainBatches, Any]:
     """The training batches and the test loader of a run (this rank's shards under ``torchrun``).
 
-    Training loaders take ``1 / W`` of each configured batch from an order padded so every rank draws
-    as many batches; the test loader shards the test set without repeats (the counts are summed over
-    ranks by :func:`relkd.train.evaluate.evaluate`).
+    Training loaders cut each epoch's seeded order into the configured (global) batches, those of one
+    process, and give each rank its contiguous ``1 / W`` of every batch; a last batch that ``W`` does
+    not divide goes whole to every rank, flagged (:mod:`relkd.data.loaders`), and is computed alike
+    on each, so no image is repeated. The test loader shards the test set without repeats (the counts
+    are summed over ranks by :func:`relkd.train.evaluate.evaluate`).
     """
     shard = {"loader": data.loader, "rank": D.rank(), "world_size": D.world_size()}
     batch = per_rank(data.batch_size, "data.batch_size")

@@ -139,6 +139,7 @@ def run_teacher(
         config_hash=digest,
         info={"method": "teacher", "seed": spec.seed, "model": spec.model},
         label=label,
+        sync_bn=spec.train.sync_bn,
     )
     result = engine.fit(resume=resume)
     echo(f"{label} {spec.model}: top-1 {result['last_acc1']:.2f}% (best {result['best_acc1']:.2f}%)")
@@ -239,6 +240,7 @@ def run_method(
         config_hash=digest,
         info={"method": name, "seed": seed, "model": first.model},
         label=f"{name} s{seed}",
+        sync_bn=method.train.sync_bn,
     )
     result = engine.fit(resume=resume)
     accuracies = ", ".join(

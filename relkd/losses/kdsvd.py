@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from relkd._debug import check_finite
+from relkd.distributed import global_relations_enabled, world_size
 from relkd.graphs import ops
 from relkd.graphs.svd import aligned_singular_vectors, rbf_correlation
 from relkd.losses._inputs import reduce
@@ -186,7 +187,10 @@ def kd_svd(
             w_f, w_b = _value_weights(st_f[..., :n]), _value_weights(st_b[..., :n])
             g_s = rbf_correlation(vs_f[..., :n] * w_f, vs_b[..., :n] * w_b, sigma)
             g_t = rbf_correlation(vt_f[..., :n] * w_f, vt_b[..., :n] * w_b, sigma)
-            term = reduce((g_s - g_t).square().mean(), g_s.numel(), reduction, "kd_svd")
+            # "sum" is over the global batch: under global relations W times this shard's entries, so
+            # the value and gradient scale do not change with W (relkd.distributed's convention)
+            count = g_s.numel() * (world_size() if global_relations_enabled() else 1)
+            term = reduce((g_s - g_t).square().mean(), count, reduction, "kd_svd")
             total = term if total is None else total + term
     return total
 

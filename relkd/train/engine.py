@@ -28,7 +28,10 @@ are wrapped in ``DistributedDataParallel`` for that stage; every other gradient 
 after the backward with :func:`relkd.distributed.average_gradients`. With ``clip_to_ce`` the
 cross-entropy and distillation gradients are averaged separately before the rule compares them. Test
 accuracy is counted on shards of the test set and summed; the epoch's loss means are averaged over
-ranks. Rank 0 alone writes metrics, checkpoints and results and shows progress.
+ranks. A step whose batch every rank holds whole (an epoch's last batch that ``W`` does not divide) is
+computed alike on every rank with global relations off; BatchNorm layers of trained modules use the
+global batch's statistics (``sync_bn``); a non-finite term on any rank stops every rank at the same
+check. Rank 0 alone writes metrics, checkpoints and results and shows progress.
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ from relkd.train.checkpoint import load_checkpoint, load_state, save_checkpoint
 from relkd.train.evaluate import agreement_metrics, evaluate
 from relkd.train.files import RunFiles
 from relkd.train.metrics import MetricsLog
+from relkd.train.parallel import assemble, replicated_step, use_global_batchnorm
 from relkd.train.seeding import rng_state, set_rng_state
 from relkd.train.stages import Stage, find_method, resolve_paths, stage_parameters
 from relkd.train.tally import EpochTally, NonFiniteLossError
@@ -138,6 +142,9 @@ class Engine:
         config_hash: stored in checkpoints; resuming from another config's checkpoint is an error.
         info: extra fields for ``result.json`` (method, seed ...).
         label: the name in progress bars and log lines (default: the run directory's).
+        sync_bn: BatchNorm of the students, losses and steps over the global batch under data
+            parallelism (:func:`relkd.train.parallel.use_global_batchnorm`); None: whenever ``W > 1``
+            and one of them has BatchNorm.
     """
 
     def __init__(
@@ -165,6 +172,7 @@ class Engine:
         config_hash: str = "",
         info: Mapping[str, Any] | None = None,
         label: str = "",
+        sync_bn: bool | None = None,
     ) -> None:
         teachers = dict(teachers or {})
         terms = dict(terms or {})
@@ -235,6 +243,8 @@ class Engine:
                 raise TypeError(f"step {stage.step['name']!r} built a {type(step).__name__}, not a Step")
             self.root[STEP_MODULES].append(step.to(self.device))
         self.agreement = agreement and _agreement_available()
+        trained = [self.root[n] for n in self.students] + [self.root[LOSS], self.root[STEP_MODULES]]
+        self.sync_bn = use_global_batchnorm(trained, sync_bn)
 
     # --- setup -------------------------------------------------------------------------------------
 
@@ -486,6 +496,7 @@ class Engine:
         step, ctx = 0, None
         try:
             for step, batch in enumerate(epoch_batches, 1):
+                batch, replicated = assemble(batch)
                 ctx = StepContext(
                     batch=batch,
                     epoch=epoch,
@@ -501,8 +512,9 @@ class Engine:
                     if active.step.manual
                     else None,
                 )
-                ctx.batch = active.transform(batch, ctx)
-                out, total = self._step(ctx, active, ramp)
+                with replicated_step(replicated):
+                    ctx.batch = active.transform(batch, ctx)
+                    out, total = self._step(ctx, active, ramp)
                 if tally is None:
                     tally = EpochTally([*out.losses, *(f"raw/{k}" for k in out.metrics)], self.device)
                 values = [*out.losses.values(), *out.metrics.values()]
@@ -510,7 +522,7 @@ class Engine:
                     torch.stack([v.detach().float().reshape(()) for v in values]), total, epoch * steps + step
                 )
                 if out.logits is not None:
-                    tally.add_accuracy(out.logits.detach(), ctx.batch["target"])
+                    tally.add_accuracy(out.logits.detach(), ctx.batch["target"], replicated)
                 if step % check_every == 0:
                     tally.check(epoch, steps, stage.name, path)
                 bar.update()
@@ -520,8 +532,8 @@ class Engine:
             raise _blame_input(e, ctx.batch if ctx is not None else {}) from None
         except Exception:
             # An error after a NaN (e.g. an SVD of NaN features) is reported as the NaN that caused it.
-            if tally is not None:
-                tally.check(epoch, steps, stage.name, path)
+            if tally is not None:  # this rank's record only: the other ranks may not be here
+                tally.check(epoch, steps, stage.name, path, collective=False)
             raise
         finally:
             bar.close()
