@@ -3,7 +3,9 @@
 Order of precedence, lowest first: the schema's defaults, a parent config (``extends: base.yaml``),
 the file itself, the file's own ``overrides`` list, the command-line overrides. Overrides are
 ``key.sub=value`` strings applied after the built-in methods are expanded, so a file with
-``methods: all`` can still change one of them (``overrides: ["methods.mhgd.stages.0.epochs=2"]``).
+``methods: all`` can still change one of them (``overrides: ["methods.mhgd.stages.0.epochs=2"]``);
+a method list given on the command line (``methods=[mhgd]``) keeps the file's changes to the methods
+it names.
 
 Within the result, refining sections are merged onto the sections they refine: ``teacher.data``
 onto ``data``; ``teacher.train`` and ``methods.<m>.train`` onto ``train``, itself merged onto the
@@ -24,7 +26,7 @@ import yaml
 from relkd import configs
 from relkd.config.checks import check_suite
 from relkd.config.methods import expand_methods, load_method
-from relkd.config.overrides import apply_overrides, deep_merge
+from relkd.config.overrides import apply_overrides, deep_merge, parse_override
 from relkd.config.schema import SuiteConfig, TrainConfig
 from relkd.config.validate import ConfigError, from_data
 from relkd.registry import suggest
@@ -82,6 +84,12 @@ def resolve(
         data = apply_overrides(data, [override])
         data["methods"], more = expand_methods(data.get("methods"), base_dir)
         notes += [n for n in more if n not in notes]
+        if override in overrides and parse_override(override)[0] == "methods":
+            # a new method list from the command line keeps the file's own changes to those methods
+            for change in in_file:
+                name = parse_override(change)[0].split(".")[1:2]
+                if change.startswith("methods.") and name and name[0] in data["methods"]:
+                    data = apply_overrides(data, [change])
     _short_forms(data)
     train = merge_train(dataclasses.asdict(TrainConfig()), _mapping(data, "train"))
     data["train"] = train
