@@ -24,6 +24,7 @@ from typing import Any
 
 from relkd.config import ConfigError, SuiteConfig, to_data
 from relkd.experiment.rundir import RunDir
+from relkd.experiment.setup import used_teachers
 from relkd.train.checkpoint import CheckpointError, load_checkpoint
 
 __all__ = ["RunDirConflict", "claim", "verify_final"]
@@ -61,7 +62,9 @@ def claim(
         old = run.read_config_data()
         differences = list(_differences(old, new))
         if differences:
-            shown = "\n".join(f"  {key}: {a!r} in {run.config}, {b!r} now" for key, a, b in differences[:SHOWN])
+            shown = "\n".join(
+                f"  {key}: {a!r} in {run.config}, {b!r} now" for key, a, b in differences[:SHOWN]
+            )
             more = f"\n  ... and {len(differences) - SHOWN} more" if len(differences) > SHOWN else ""
             raise RunDirConflict(
                 f"{run.path} holds runs of another configuration:\n{shown}{more}\n"
@@ -103,12 +106,12 @@ def _writable(run: RunDir) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise OSError(f"cannot write to the run directory {run.path} ({e.strerror}); choose another out=") from None
+        raise OSError(
+            f"cannot write to the run directory {run.path} ({e.strerror}); choose another out="
+        ) from None
 
 
 def _runs(run: RunDir, config: SuiteConfig) -> Iterator[tuple[str, Any]]:
-    from relkd.experiment.suite import used_teachers
-
     for name in used_teachers(config):
         yield (f"teacher {name}" if name != "teacher" else "teacher"), run.teacher(name)
     for method in config.methods:
@@ -139,7 +142,9 @@ def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> Iterator[tup
     for section in ("methods", "teachers"):
         for name in set(old.get(section) or {}) & set(new.get(section) or {}):
             yield from _compare(old[section][name], new[section][name], f"{section}.{name}")
-    yield from _compare({k: v for k, v in old.items() if k not in skip}, {k: v for k, v in new.items() if k not in skip}, "")
+    yield from _compare(
+        {k: v for k, v in old.items() if k not in skip}, {k: v for k, v in new.items() if k not in skip}, ""
+    )
 
 
 def _compare(old: Any, new: Any, prefix: str) -> Iterator[tuple[str, Any, Any]]:

@@ -19,7 +19,7 @@ from torch import nn
 
 from relkd.config import ConfigError, MethodConfig, SuiteConfig
 from relkd.data import DataBundle
-from relkd.experiment.setup import build_model, load_bundle
+from relkd.experiment.setup import build_model, load_bundle, used_teachers
 from relkd.methods import STEPS, build_step, build_term, parse_terms, tap_names
 from relkd.models import FeatureTaps, resolve_taps
 from relkd.optim import build_optimizer, build_schedule
@@ -35,8 +35,6 @@ def preflight(config: SuiteConfig) -> None:
 
     The datasets are loaded (they are needed anyway, and a missing one fails here with its own message).
     """
-    from relkd.experiment.suite import used_teachers
-
     bundle = load_bundle(config.data, config.seeds[0])
     teachers: dict[str, nn.Module] = {}
     for name in used_teachers(config):

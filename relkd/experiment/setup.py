@@ -35,6 +35,7 @@ __all__ = [
     "make_batches",
     "make_eval_loader",
     "resolve_device",
+    "used_teachers",
 ]
 
 # Stream number of the transfer loader's seed: its order must not mirror the labelled loader's.
@@ -143,6 +144,12 @@ def make_eval_loader(bundle: DataBundle, data: Any, device: torch.device) -> Any
         bundle.train, data.test_batch_size, False, 0, data.num_workers, device=device, augment=False,
         even=False, **shard,
     )  # fmt: skip
+
+
+def used_teachers(config: Any) -> list[str]:
+    """The suite's teachers that some method uses, in the suite's order."""
+    used = {t for method in config.methods.values() for t in (method.teachers or {}).values()}
+    return [name for name in config.teachers if name in used]
 
 
 def config_hash(*parts: Any) -> str:

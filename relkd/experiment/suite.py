@@ -35,6 +35,7 @@ from relkd.experiment.setup import (
     make_batches,
     make_eval_loader,
     resolve_device,
+    used_teachers,
 )
 from relkd.methods import parse_terms
 from relkd.train import Engine, build_stages
@@ -56,12 +57,6 @@ def run_dir_of(config: SuiteConfig) -> RunDir:
 def teacher_hash(config: SuiteConfig, name: str = "teacher") -> str:
     """What the teacher ``name``'s weights depend on: its own config and the precision it trains in."""
     return config_hash("teacher", config.teachers[name], config.amp)
-
-
-def used_teachers(config: SuiteConfig) -> list[str]:
-    """The suite's teachers that some method uses, in the suite's order."""
-    used = {t for method in config.methods.values() for t in (method.teachers or {}).values()}
-    return [name for name in config.teachers if name in used]
 
 
 def _reusable(files: Any, digest: str) -> dict[str, Any] | None:
