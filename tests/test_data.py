@@ -444,7 +444,11 @@ def test_imagefolder_grey_channels_and_normalisation_from_the_data(image_root):
     pixels = []
     for cls in ("cat", "dog"):
         for k in range(3):
-            grey = Image.open(image_root / "train" / cls / f"{k}.png").convert("L").resize((12, 12), Image.BILINEAR)
+            grey = (
+                Image.open(image_root / "train" / cls / f"{k}.png")
+                .convert("L")
+                .resize((12, 12), Image.BILINEAR)
+            )
             pixels.append(np.asarray(grey, dtype=np.float64) / 255.0)
     pixels = np.stack(pixels)
     assert bundle.mean == pytest.approx((pixels.mean(),), rel=1e-6)  # ToTensor gives float32
