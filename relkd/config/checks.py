@@ -36,6 +36,7 @@ __all__ = ["check_suite"]
 AMP = (None, "bf16", "fp16")
 CLIP_RAMPS = (None, "sigmoid")
 STAGE_BATCHES = ("train", "labelled_once")
+MODALITIES = ("image", "text")
 MODEL_ARGS_FROM_DATA = ("num_classes", "in_channels", "in_shape")
 STAGE_TERM_KEYS = {"weight": float, "call": str, "network": str}
 # component -> (its registry, the arguments the engine passes itself)
@@ -213,6 +214,10 @@ def _check_train(path: str, train: TrainConfig) -> None:
 
 def _check_method(path: str, method: MethodConfig, config: SuiteConfig, trains_teacher: bool = False) -> None:
     _check_train(join(path, "train"), method.train)
+    if method.modality not in MODALITIES:
+        raise ConfigError(
+            f"{path}.modality: expected one of {', '.join(MODALITIES)}, got {method.modality!r}"
+        )
     _check_component(join(path, "step"), method.step, STEPS, ())
     students = ["teacher"] if trains_teacher else list(method.students or {})
     teachers = [] if trains_teacher else list(method.teachers or {})

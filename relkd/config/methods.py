@@ -2,7 +2,8 @@
 
 ``methods`` may be:
 
-* ``all``: every built-in method (``relkd/configs/methods/*.yaml``); a built-in method whose loss is
+* ``all``: every built-in method of images (``relkd/configs/methods/*.yaml``; text methods say
+  ``modality: text`` and are named one by one); a built-in method whose loss is
   not registered is an error (every built-in loss registers itself on import of ``relkd.losses``);
 * a list of built-in names or YAML paths: ``[baseline, kd, my_methods/fancy.yaml]``;
 * a mapping ``{name: value}`` where the value is a built-in name or YAML path, null (the built-in
@@ -79,6 +80,8 @@ def expand_methods(methods: Any, base_dir: Path | None = None) -> tuple[dict[str
         out = {}
         for name in configs.method_names():
             method = load_method(name, f"methods.{name}")
+            if method.get("modality", "image") != "image":
+                continue
             missing = missing_losses(method)
             if missing:
                 raise ConfigError(

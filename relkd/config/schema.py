@@ -196,6 +196,8 @@ class MethodConfig:
         stages: the stages in order; null is one stage with every term.
         train: the recipe (the suite's ``train`` with this method's changes merged in).
         description: one line shown by ``relkd list``.
+        modality: ``image`` or ``text``: the data the method is made for; ``methods: all`` runs the
+            built-in methods of images (text methods are named one by one).
 
     After loading, ``students`` maps every name to a :class:`ModelConfig` and ``teachers`` every name
     to the name of a teacher in the suite's ``teachers``.
@@ -210,6 +212,7 @@ class MethodConfig:
     stages: list[StageConfig] | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
     description: str = ""
+    modality: str = "image"
 
 
 @dataclass

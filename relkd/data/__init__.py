@@ -6,7 +6,7 @@ data: see :mod:`relkd.data.arrays`); ``make_loader(dataset, ...)`` iterates a da
 resumable batches of ``{"input", "target", "index"}`` tensors. Datasets register themselves by name.
 """
 
-from relkd.data import cifar, digits, fashion_mnist, imagefolder  # noqa: F401  (registration)
+from relkd.data import cifar, digits, fashion_mnist, imagefolder, text  # noqa: F401  (registration)
 from relkd.data.arrays import from_arrays
 from relkd.data.augment import AugmentSpec
 from relkd.data.bundle import DataBundle

@@ -56,7 +56,9 @@ def preflight(config: SuiteConfig) -> None:
 
 
 def _example(bundle: DataBundle) -> torch.Tensor:
-    return torch.empty(2, bundle.in_channels, *bundle.image_size, device=META)
+    """Two inputs of the data set's shape and type (images, token ids ...), on the meta device."""
+    first = bundle.test[0]["input"]
+    return torch.zeros(2, *first.shape, dtype=first.dtype, device=META)
 
 
 def _network(build: Callable[[], nn.Module], path: str, bundle: DataBundle) -> nn.Module:

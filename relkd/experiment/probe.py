@@ -1,4 +1,5 @@
-"""A fixed batch of test images, and the embeddings networks give it: what ``relkd viz`` draws on."""
+"""A fixed batch of test items (images, token ids ...), and the embeddings networks give it: what
+``relkd viz`` draws on."""
 
 from __future__ import annotations
 
@@ -36,16 +37,27 @@ class ProbeBatch:
 
 
 def probe_batch(bundle: Any, size: int, seed: int, device: torch.device | str = "cpu") -> ProbeBatch:
-    """``size`` test images of ``bundle`` (a :class:`relkd.data.DataBundle`), class-balanced: as
+    """``size`` test items of ``bundle`` (a :class:`relkd.data.DataBundle`), class-balanced: as
     many per class as ``size`` allows (:func:`relkd.data.class_balanced_indices`), which ones of a
-    class chosen with ``seed``, in test-set order. The same arguments give the same batch."""
+    class chosen with ``seed``, in test-set order. The same arguments give the same batch.
+
+    A test set whose targets are not classes to balance (unlabelled items, target -1, such as
+    translation pairs; or more classes than items, such as the tokens of a cloze test) gives
+    ``size`` items drawn with ``seed`` instead, in test-set order."""
     test = bundle.test
-    if not bundle.num_classes <= size <= len(test):
+    targets = test.targets
+    labelled = bool(((targets >= 0) & (targets < bundle.num_classes)).all())
+    balanced = labelled and bundle.num_classes <= len(test)
+    if not (bundle.num_classes if balanced else 1) <= size <= len(test):
         raise VizUsageError(
             f"--batch-size must be between the number of classes ({bundle.num_classes}, one image "
             f"each) and the test set's size ({len(test)}), got {size}"
         )
-    positions, _ = class_balanced_indices(test.targets, size, bundle.num_classes, seed)
+    if balanced:
+        positions, _ = class_balanced_indices(targets, size, bundle.num_classes, seed)
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        positions = torch.randperm(len(test), generator=generator)[:size].sort().values
     items = [test[int(i)] for i in positions]
     return ProbeBatch(
         inputs=torch.stack([item["input"] for item in items]).to(device),

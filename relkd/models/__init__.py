@@ -16,6 +16,7 @@ from relkd.models import (  # noqa: F401  (importing a family registers its cons
     shufflenetv1,
     shufflenetv2,
     small,
+    text,
     vgg,
     wrn,
 )
