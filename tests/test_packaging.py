@@ -40,7 +40,7 @@ def test_no_upper_pins():
 def test_readme_blocks_for_ci_exist():
     text = (ROOT / "README.md").read_text()
     assert "<!-- ci:install -->" in text and "<!-- ci:test -->" in text
-    assert 'pip install -e ".[dev]"' in text
+    assert 'pip install -e ".[dev,text]"' in text
 
 
 @pytest.mark.slow

@@ -31,8 +31,11 @@ method's ``train: {clip_to_ce: true, clip_to_ce_ramp: sigmoid}``). The paper and
   (:func:`relkd.graphs.svd.truncated_svd`), so no sample is dropped and ties give finite gradients.
 - Scale: the ECCV code uses ``tf.nn.l2_loss`` (half the sum) times ``sqrt(k)``; KD_methods_with_TF
   uses the plain sum, which we follow; RepDistiller divides it by the batch size. ``reduction="mean"``
-  averages each layer pair's graph entries instead (then sums over pairs). The gradient clipping is the
-  engine's business (``train.clip_to_ce``), not the loss's.
+  averages each layer pair's graph entries instead (then sums over pairs). The authors clip the
+  distillation gradient to the cross-entropy's norm, which the plain sum relies on: the engine does it
+  with ``train.clip_to_ce`` (and ``clip_to_ce_ramp: sigmoid``); in one's own loop call
+  ``relkd.train.clip_to_ce_backward(ce, loss, params, ramp=relkd.train.sigmoid(epoch))`` instead of
+  ``backward()`` (without the clipping the sum swamps the cross-entropy).
 - Channels: the paper pairs layers with equal student and teacher widths. When they differ, pass
   ``student_channels`` and ``teacher_channels``: a trainable 1x1 convolution + batch norm maps the
   student's feature map to the teacher's width (as the authors' TF2 code does), and is a submodule of

@@ -55,7 +55,11 @@ Where we differ, and why:
 - A batch of one sample cannot give batch statistics: pretraining then uses the running statistics.
 - Under global relations (:mod:`relkd.distributed`) the vectors are gathered from every rank, so the
   graphs (and the heads' batch statistics in pretraining) span the global batch.
-- The gradient clipping belongs to the engine (``train.clip_to_ce``), not to the loss.
+- The authors clip the distillation gradient to the cross-entropy's norm, which the default ``sum``
+  relies on (at initialisation its gradient is hundreds of times the cross-entropy's): the engine does
+  it with ``train.clip_to_ce``; in one's own loop call ``relkd.train.clip_to_ce_backward(ce, loss,
+  params, ramp=relkd.train.sigmoid(epoch - head_epochs))`` instead of ``backward()``
+  (``examples/multi_map.py``).
 
 Shapes:
     student, teacher: lists of ``L >= 2`` feature maps ``[B, C_l, *spatial_l]`` -> scalar.

@@ -50,7 +50,7 @@ def build(
     from relkd.losses.sizes import measured_sizes
     from relkd.models import FeatureTaps, resolve_taps
 
-    taps = tuple(kwargs.get("taps", cls.taps))
+    taps = tuple(kwargs.pop("taps", cls.taps))
     features = []
     for network in (student, teacher):
         if network is None:
@@ -66,7 +66,9 @@ def build(
         finally:
             network.train(was_training)
     sizes = measured_sizes(cls, features[0], features[1], taps, given=kwargs, **known)
-    return cls(**sizes, **kwargs)
+    module = cls(**sizes, **kwargs)
+    module.taps = taps
+    return module
 
 
 def available(pattern: str = "*") -> list[str]:

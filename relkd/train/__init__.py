@@ -6,6 +6,7 @@ described in :mod:`relkd.train.engine`; the run directory's layout in :mod:`relk
 Every ``.pt`` file loads with ``torch.load(path, weights_only=True)``. Accuracies are percentages.
 """
 
+from relkd.methods.base import sigmoid
 from relkd.train.backward import clip_to_ce_backward
 from relkd.train.batches import TrainBatches
 from relkd.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -21,6 +22,7 @@ __all__ = [
     "TrainBatches",
     "build_stages",
     "clip_to_ce_backward",
+    "sigmoid",
     "load_checkpoint",
     "save_checkpoint",
 ]
