@@ -5,6 +5,7 @@
     relkd table RUN_DIR [--out DIR]
     relkd list [models|losses|datasets|methods|steps|evaluators|transforms]
     relkd viz RUN_DIR ...    relkd plot RUN_DIR ...          (figures: relkd.experiment.viz / .plot)
+    relkd analyze RUN_DIR ...                                (relkd.experiment.analyze)
 
 ``relkd run`` without a config runs the built-in default experiment (digits). Each subcommand is one
 function registered with :func:`command`. Nothing heavy (torch, matplotlib) is imported until a
@@ -294,6 +295,40 @@ def plot(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- relkd analyze ---------------------------------------------------------------------------------
+
+
+def _analyze_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="a directory written by relkd run")
+    p.add_argument("--method", nargs="+", help="methods to analyse (default: every finished one)")
+    p.add_argument("--seed", type=int, help="the networks' seed (default: the run's first)")
+    p.add_argument(
+        "--only", nargs="+", dest="analyses", metavar="ANALYSIS",
+        help="run only these: cka rsa predictions block_shuffle interpolation criticality (default: all)",
+    )  # fmt: skip
+    p.add_argument("--kernel", default="linear", choices=["linear", "rbf"], help="CKA kernel (linear)")
+    p.add_argument("--eps", type=float, default=0.05, help="criticality: error margin over the final (0.05)")
+    p.add_argument("--lambdas", type=int, default=11, help="points per interpolation line (default 11)")
+    p.add_argument("--probe-size", type=int, default=512, help="test images for RSA (default 512)")
+    _figure_options(p)
+    p.add_argument("--export", action="store_true", help="also write the matrices and curves as CSV")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, auto ... (default cpu)")
+    p.add_argument("--out", help="output folder (default RUN_DIR/analysis)")
+
+
+@command("analyze", "compare a run's networks: layer CKA, RSA, agreement, barriers, module criticality",
+         _analyze_arguments)  # fmt: skip
+def analyze(args: argparse.Namespace) -> int:
+    from relkd.experiment.analyze import ANALYSES, analyze_run
+
+    analyze_run(
+        args.run_dir, out=args.out, seed=args.seed, methods=args.method, analyses=args.analyses or ANALYSES,
+        kernel=args.kernel, eps=args.eps, lambdas=args.lambdas, probe_size=args.probe_size,
+        formats=args.formats, dpi=args.dpi, export=args.export, device=args.device,
+    )  # fmt: skip
+    return 0
+
+
 # --- main ------------------------------------------------------------------------------------------
 
 
@@ -357,6 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
     from relkd.config import ConfigError
     from relkd.experiment.probe import VizUsageError
+    from relkd.experiment.suite import TeacherError
     from relkd.train import CheckpointError, NonFiniteLossError
 
     try:
@@ -371,6 +407,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, VizUsageError) as e:
         print(f"relkd {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except (CheckpointError, NonFiniteLossError, FileNotFoundError, ImportError) as e:
+    except (CheckpointError, NonFiniteLossError, TeacherError, FileNotFoundError, ImportError, OSError) as e:
         print(f"relkd: error: {e}", file=sys.stderr)
         return 1

@@ -18,7 +18,15 @@ from relkd.experiment.rundir import RunDir
 from relkd.experiment.setup import build_model, load_weights
 from relkd.train.checkpoint import CheckpointError, load_checkpoint
 
-__all__ = ["deployed_networks", "load_network_file", "recorded", "teacher_file", "load_teacher"]
+__all__ = [
+    "deployed_names",
+    "deployed_networks",
+    "load_network_file",
+    "load_teacher",
+    "network_label",
+    "recorded",
+    "teacher_file",
+]
 
 
 def teacher_file(run: RunDir, config: SuiteConfig, name: str) -> Path:
@@ -44,19 +52,30 @@ def load_teacher(run: RunDir, config: SuiteConfig, name: str, bundle: Any) -> nn
     return network
 
 
+def network_label(method: str, name: str) -> str:
+    """A deployed network's label, as in the results table: the method's name, or ``method (network)``
+    when it deploys another network than ``student``."""
+    return method if name == "student" else f"{method} ({name})"
+
+
+def deployed_names(run: RunDir, config: SuiteConfig, method: str, seed: int) -> list[str]:
+    """The networks method ``method`` deployed with ``seed``, by name (its result says; else its config)."""
+    result = run.run(method, seed).read_result() or {}
+    spec = config.methods[method]
+    return list(result.get("deployed") or spec.deploy or spec.students or {"student": None})
+
+
 def deployed_networks(
     run: RunDir, config: SuiteConfig, method: str, seed: int, bundle: Any
 ) -> Iterator[tuple[str, nn.Module]]:
-    """``(label, network)`` of each network method ``method`` deployed with ``seed``: the label is the
-    method's name, or ``method (network)`` when it deploys another network than ``student``."""
+    """``(label, network)`` of each network method ``method`` deployed with ``seed``
+    (:func:`network_label`)."""
     files = run.run(method, seed)
-    result = files.read_result() or {}
     spec = config.methods[method]
-    deployed = result.get("deployed") or list(spec.deploy or spec.students or {"student": None})
-    for name in deployed:
+    for name in deployed_names(run, config, method, seed):
         network = build_model(spec.students[name], bundle)
         load_weights(str(files.final), network, name)
-        yield (method if name == "student" else f"{method} ({name})"), network
+        yield network_label(method, name), network
 
 
 def recorded(path: str | Path, key: str) -> Any:

@@ -8,7 +8,7 @@
       teacher-NAME/                    ``teacher-NAME/``; each holds one run's files (below)
       <method>/seed<k>/                one run's files per method and seed
       results.md, results.csv          the table: mean ± std over seeds
-      viz/, plots/                     what ``relkd viz`` and ``relkd plot`` draw
+      viz/, plots/, analysis/          what ``relkd viz``, ``plot`` and ``analyze`` write
 
 A run's own files (``checkpoint.pt``, ``final.pt``, ``result.json``, ``metrics.jsonl``,
 ``metrics.csv``, ``tb/``) are :class:`relkd.train.files.RunFiles`'.
@@ -63,6 +63,10 @@ class RunDir:
     @property
     def plots(self) -> Path:
         return self.path / "plots"
+
+    @property
+    def analysis(self) -> Path:
+        return self.path / "analysis"
 
     def teacher(self, name: str = TEACHER) -> RunFiles:
         """The files of the teacher ``name``."""
