@@ -239,3 +239,26 @@ def test_without_subset_seed_the_run_seed_chooses():
 def test_terms_parse_against_the_networks_of_the_method():
     specs = parse_terms({"kd": {"weight": 0.5}}, ["student"], ["teacher"])
     assert (specs["kd"].student, specs["kd"].teacher, specs["kd"].weight) == ("student", "teacher", 0.5)
+
+
+# --- a student started from a checkpoint ------------------------------------------------------------
+
+
+def test_a_student_starts_from_a_checkpoint_except_the_skipped_parts(tmp_path, trained_teacher):
+    teacher, final = trained_teacher
+    student = {"model": "mlp", "args": {"width": 32, "depth": 1}, "init": str(final), "init_skip": ["fc"]}
+    cfg = config("train.epochs=0", methods={"baseline": {"students": {"student": student}}})
+    run_method(cfg, "baseline", 0, {"teacher": teacher}, RunDir(tmp_path), quiet=True, echo=quiet)
+    started = torch.load(RunDir(tmp_path).run("baseline", 0).final, weights_only=True)["students"]["student"]
+    for key, value in teacher.state_dict().items():
+        if key.startswith("fc."):
+            assert not torch.equal(started[key], value.cpu()), key  # a fresh classifier
+        else:
+            assert torch.equal(started[key], value.cpu()), key
+
+
+def test_a_checkpoint_of_another_architecture_names_the_missing_weights(tmp_path, trained_teacher):
+    _, final = trained_teacher
+    cfg = config(f"student.init={final}", "student.args={width: 16, depth: 2}")
+    with pytest.raises(CheckpointError, match=r"no weights for layers\.1\.0\.bias.*init_skip"):
+        build_model(cfg.student, load_bundle(cfg.data, 0))

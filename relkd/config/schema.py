@@ -107,6 +107,8 @@ class TrainConfig:
         sync_bn: under ``torchrun``, BatchNorm layers of the trained modules normalise with the
             statistics of the global batch rather than each process's shard; null (default): on when
             there are several processes and a BatchNorm layer, off otherwise. One process: no effect.
+        compile: compile the networks and the loss modules with :func:`relkd.compile`
+            (``torch.compile``, shapes specialised; in place, so checkpoints keep their keys).
     """
 
     epochs: int = 10
@@ -122,6 +124,7 @@ class TrainConfig:
     clip_to_ce_ramp: str | None = None
     batch_transform: dict[str, Any] = field(default_factory=lambda: {"name": "identity"})
     sync_bn: bool | None = None
+    compile: bool = False
 
 
 @dataclass
@@ -218,10 +221,18 @@ class MethodConfig:
 @dataclass
 class ModelConfig:
     """A network: ``model`` is a registry name (``relkd list``) or ``torchvision:<name>``; ``args`` go
-    to its constructor (``num_classes`` and ``in_channels`` come from the dataset)."""
+    to its constructor (``num_classes`` and ``in_channels`` come from the dataset).
+
+    ``init`` starts it from the weights in a checkpoint file (a relkd ``final.pt``: the network of the
+    same name, else the first; or a state dict, plain or under ``model`` / ``state_dict``) instead of
+    a random initialisation; parameters whose names start with one of ``init_skip`` (e.g. ``[fc]`` for
+    a new classifier) keep their random initialisation. A pre-trained student (MEAL V2) or a
+    fine-tuned one (transfer learning) is a config line."""
 
     model: str
     args: dict[str, Any] = field(default_factory=dict)
+    init: str | None = None
+    init_skip: list[str] = field(default_factory=list)
 
 
 @dataclass

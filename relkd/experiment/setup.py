@@ -13,6 +13,7 @@ import hashlib
 import inspect
 import json
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -62,7 +63,32 @@ def build_model(spec: Any, bundle: DataBundle) -> nn.Module:
                 kwargs["in_shape"] = (bundle.in_channels, *bundle.image_size)
             elif "in_channels" in params:
                 kwargs["in_channels"] = bundle.in_channels
-    return models.create(spec.model, **kwargs)
+    network = models.create(spec.model, **kwargs)
+    if getattr(spec, "init", None):
+        init_weights(spec.init, network, getattr(spec, "init_skip", ()))
+    return network
+
+
+def init_weights(path: str, network: nn.Module, skip: Sequence[str] = (), name: str = "student") -> None:
+    """Load the weights of ``path`` into ``network`` (see :func:`load_weights`), except the parameters
+    and buffers whose names start with one of ``skip``, which keep their values.
+
+    Raises:
+        CheckpointError: unreadable, or weights that do not fit the network outside ``skip``.
+    """
+    state = _state_of(path, name)
+    kept = network.state_dict()
+    merged = {
+        k: (kept[k] if any(k == s or k.startswith(s + ".") for s in skip) else state.get(k)) for k in kept
+    }
+    missing = sorted(k for k, v in merged.items() if v is None)
+    if missing:
+        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        raise CheckpointError(
+            f"{path}: no weights for {', '.join(missing[:8])}{more}: the checkpoint holds another "
+            "architecture; list the parts to keep at random initialisation in init_skip"
+        )
+    load_state(path, "initial", network, merged)
 
 
 @functools.lru_cache(maxsize=4)
@@ -162,6 +188,21 @@ def config_hash(*parts: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _state_of(path: str, name: str) -> dict[str, Any]:
+    """The state dict in a checkpoint file: a relkd checkpoint's network ``name`` (else its only or first
+    network), or a plain state dict, or one under ``model`` / ``state_dict``; ``module.`` prefixes
+    (DataParallel) removed."""
+    state = load_checkpoint(path)
+    if "students" in state and isinstance(state["students"], dict) and state["students"]:
+        networks = state["students"]
+        state = networks[name] if name in networks else next(iter(networks.values()))
+    elif "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    elif "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
 def load_weights(path: str, model: nn.Module, name: str) -> None:
     """Load network weights from a relkd checkpoint (``final.pt``: ``students[name]``) or a file that
     holds a state dict (plain, or under ``model`` / ``state_dict``, as other KD code bases save).
@@ -169,14 +210,7 @@ def load_weights(path: str, model: nn.Module, name: str) -> None:
     Raises:
         CheckpointError: unreadable file, or weights that do not fit ``model``.
     """
-    state = load_checkpoint(path)
-    if "students" in state and name in state["students"]:
-        state = state["students"][name]
-    elif "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    elif "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = _state_of(path, name)
     try:
         load_state(path, name, model, state)
     except CheckpointError as e:
