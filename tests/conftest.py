@@ -16,6 +16,8 @@ import relkd.losses as L
 
 B, D, CLASSES, NUM_DATA, NEGATIVES = 12, 10, 4, 60, 16
 STAGES = ((4, 3, 3), (6, 3, 3), (8, 2, 2))
+# token-level taps of the text losses: sequence length, vocabulary and stacked layers
+LENGTH, VOCAB, LAYERS = 7, 11, 3
 
 # Constructor arguments of the registered losses that need any; a new loss that needs some must be
 # added here (the tests that build every registered loss say so).
@@ -89,6 +91,8 @@ class LossCase:
         def move(v: Any, grad: bool) -> Any:
             if isinstance(v, list):
                 return [move(x, grad) for x in v]
+            if not v.is_floating_point():  # an attention mask stays boolean
+                return v.to(device)
             return v.detach().to(device, dtype).requires_grad_(grad)
 
         loss = copy.deepcopy(self.loss).to(device=device, dtype=dtype)
@@ -97,8 +101,16 @@ class LossCase:
         return LossCase(loss, student, teacher, {k: v.to(device) for k, v in self.batch.items()})
 
 
-def _features(tap: str, g: torch.Generator, grad: bool) -> Any:
-    if tap == "logits":
+def _features(tap: str, g: torch.Generator, grad: bool, mask: torch.Tensor) -> Any:
+    if tap == "mask":
+        return mask
+    if tap == "token_logits":
+        x = 3 * torch.randn(B, LENGTH, VOCAB, generator=g)
+    elif tap == "last_hidden":
+        x = torch.randn(B, LENGTH, D, generator=g)
+    elif tap in ("hidden_states", "decoder_states"):
+        x = torch.randn(B, LAYERS, LENGTH, D, generator=g)
+    elif tap == "logits":
         x = 3 * torch.randn(B, CLASSES, generator=g)
     elif tap.startswith("stage"):
         x = torch.randn(B, *STAGES[int(tap[5:]) - 1], generator=g)
@@ -122,9 +134,15 @@ def loss_case() -> Callable[[str], LossCase]:
         g = torch.Generator().manual_seed(1)
         if hasattr(loss, "sampler"):
             loss.sampler = _FixedNegatives(torch.randint(0, NUM_DATA, (B, NEGATIVES), generator=g))
-        student = {tap: _features(tap, g, True) for tap in loss.taps}
-        teacher = {tap: _features(tap, g, False) for tap in loss.taps}
+        # padded sequences: row i keeps its first 2 + i % (LENGTH - 1) tokens
+        mask = torch.arange(LENGTH) < (2 + torch.arange(B) % (LENGTH - 1))[:, None]
+        student = {tap: _features(tap, g, True, mask) for tap in loss.taps}
+        teacher = {tap: _features(tap, g, False, mask) for tap in loss.taps}
         batch = {}
+        if "mlm_labels" in loss.batch_keys:  # every third real token is a prediction target
+            labels = torch.randint(0, VOCAB, (B, LENGTH), generator=g)
+            chosen = mask & (torch.arange(LENGTH) % 3 == 0)
+            batch["mlm_labels"] = torch.where(chosen, labels, torch.full_like(labels, -100))
         if "index" in loss.batch_keys:
             batch["index"] = torch.randperm(NUM_DATA, generator=g)[:B]
         if "target" in loss.batch_keys:

@@ -68,6 +68,8 @@ def test_a_cifar100_pair_runs_a_few_steps(tmp_path, capsys):
         "seeds=[0]", "methods=[kd, crd]", "train.epochs=1", "teacher.train.epochs=1", "data.batch_size=8",
         "data.test_batch_size=12", "probe_size=8", "tensorboard=false", "threads=1",
         "loss_args={crd: {num_negatives: 16}}", "--quiet",
+        # one epoch on a few random images: the teacher is at chance, which the pipeline may not refuse here
+        "check_teachers=false",
     ])  # fmt: skip
     assert status == 0, capsys.readouterr().err
     result = json.loads((out / "crd" / "seed0" / "result.json").read_text())

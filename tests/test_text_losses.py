@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+import relkd
 from relkd.losses.embedding_mse import EmbeddingMSELoss, embedding_mse
 from relkd.losses.hidden_cosine import HiddenCosineLoss, hidden_cosine
 from relkd.losses.hidden_mse import NormalizedHiddenMSELoss, layer_map, normalized_hidden_mse
@@ -87,8 +88,12 @@ def test_a_mask_longer_than_the_tensors_is_read_up_to_their_length(tokens):
     torch.testing.assert_close(token_kd(s, t, wide), token_kd(s, t, mask))
     bad = wide.clone()
     bad[0, -1] = 1
-    with pytest.raises(ValueError, match="beyond"):
-        token_kd(s, t, bad)
+    relkd.set_debug(True)  # reading the mask's values syncs the device: a debug-mode check
+    try:
+        with pytest.raises(ValueError, match="beyond"):
+            token_kd(s, t, bad)
+    finally:
+        relkd.set_debug(False)
 
 
 def test_token_kd_on_masked_positions_reads_the_mlm_labels(tokens):
@@ -229,5 +234,9 @@ def test_normalized_hidden_mse_ignores_padding():
     ],
 )
 def test_bad_inputs_raise_value_errors(call):
-    with pytest.raises(ValueError):
-        call()
+    relkd.set_debug(True)  # with the value checks of debug mode (a label beyond the vocabulary)
+    try:
+        with pytest.raises(ValueError):
+            call()
+    finally:
+        relkd.set_debug(False)

@@ -23,6 +23,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from relkd.config import ConfigError, SuiteConfig, to_data
+from relkd.config.validate import from_data
 from relkd.experiment.rundir import RunDir
 from relkd.experiment.setup import used_teachers
 from relkd.train.checkpoint import CheckpointError, load_checkpoint
@@ -59,7 +60,7 @@ def claim(
     if not run.config.is_file():
         merged = new
     else:
-        old = run.read_config_data()
+        old = _normalised(run.read_config_data())
         differences = list(_differences(old, new))
         if differences:
             shown = "\n".join(
@@ -97,6 +98,15 @@ def verify_final(files: Any, digest: str) -> None:
         raise CheckpointError(
             f"{files.final} was written by another configuration than its result.json says; {fix}"
         )
+
+
+def _normalised(old: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A directory's config read through today's schema, so that a key added to relkd since it was
+    written compares as its default instead of as a difference; as written if it no longer parses."""
+    try:
+        return to_data(from_data(SuiteConfig, old))
+    except ConfigError:
+        return old
 
 
 def _writable(run: RunDir) -> None:

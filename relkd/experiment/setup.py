@@ -13,7 +13,7 @@ import hashlib
 import inspect
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -179,13 +179,31 @@ def used_teachers(config: Any) -> list[str]:
 
 
 def config_hash(*parts: Any) -> str:
-    """A SHA-256 of the parts (dataclasses, mappings, numbers, strings) as canonical JSON."""
+    """A SHA-256 of the parts (dataclasses, mappings, numbers, strings) as canonical JSON.
+
+    A dataclass field left at its default is omitted, so a config key added to relkd later (with a
+    default that keeps the old behaviour) does not change the hash of the runs already on disk."""
 
     def plain(x: Any) -> Any:
-        return dataclasses.asdict(x) if dataclasses.is_dataclass(x) else x
+        if dataclasses.is_dataclass(x) and not isinstance(x, type):
+            values = {f.name: (f, getattr(x, f.name)) for f in dataclasses.fields(x)}
+            return {name: plain(v) for name, (f, v) in values.items() if not _default(f, v)}
+        if isinstance(x, Mapping):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return x
 
     text = json.dumps([plain(p) for p in parts], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _default(field: dataclasses.Field, value: Any) -> bool:
+    if field.default is not dataclasses.MISSING:
+        return value == field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return value == field.default_factory()
+    return False
 
 
 def _state_of(path: str, name: str) -> dict[str, Any]:

@@ -218,7 +218,8 @@ def agreement(student: Input, teacher: Input, k: int = 5, *, relation: str = "co
     """
     s, t = probe_pair("agreement", student, teacher, min_nodes=3)
     m = s.num_nodes * (s.num_nodes - 1) // 2
-    scalars = torch.stack([_knn_overlap(s, t, k, relation), _cka(s, t)])
+    # a probe smaller than k + 1 instances (a tiny test set) compares all of each node's neighbours
+    scalars = torch.stack([_knn_overlap(s, t, min(k, s.num_nodes - 1), relation), _cka(s, t)])
     host = torch.cat([scalars, _upper_distances(s), _upper_distances(t)]).cpu().numpy()
     return {
         "knn_overlap": float(host[0]),

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from relkd.graphs.ops import compute_dtype
 from relkd.losses.base import DistillLoss
 from relkd.losses.registry import register
-from relkd.losses.token_kd import select_rows
+from relkd.losses.token_kd import masked_mean, token_weights
 
 __all__ = ["HiddenCosineLoss", "hidden_cosine"]
 FUNCTIONAL = ("hidden_cosine",)
@@ -35,10 +35,10 @@ def hidden_cosine(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tens
             f"hidden_cosine: expected student and teacher states of the same shape [B, L, D], got "
             f"{tuple(student.shape)} and {tuple(teacher.shape)}"
         )
+    weights = token_weights(mask, student.shape[1], student.shape[0], "hidden_cosine")
     dtype = compute_dtype(student.dtype)
-    s = select_rows(student, mask, "hidden_cosine").to(dtype)
-    t = select_rows(teacher.detach(), mask, "hidden_cosine").to(dtype)
-    return (1.0 - F.cosine_similarity(s, t, dim=-1)).sum() / max(1, s.shape[0])
+    cos = F.cosine_similarity(student.to(dtype), teacher.detach().to(dtype), dim=-1)
+    return masked_mean(1.0 - cos, weights)
 
 
 @register("hidden_cosine")

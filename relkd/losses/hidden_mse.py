@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from relkd.graphs.ops import compute_dtype
 from relkd.losses.base import DistillLoss
 from relkd.losses.registry import register
+from relkd.losses.token_kd import token_weights
 
 __all__ = ["NormalizedHiddenMSELoss", "layer_map", "normalized_hidden_mse"]
 FUNCTIONAL = ("normalized_hidden_mse",)
@@ -79,12 +80,9 @@ def normalized_hidden_mse(
         raise ValueError(
             f"normalized_hidden_mse: layer map {mapping} for {n_s} and {teacher.shape[1]} states"
         )
-    if mask.dim() != 2 or mask.shape[0] != b or mask.shape[1] < length or (mask[:, length:] != 0).any():
-        raise ValueError(
-            f"normalized_hidden_mse: mask {tuple(mask.shape)} does not fit states of length {length}"
-        )
+    mask = token_weights(mask, length, b, "normalized_hidden_mse")
     dtype = compute_dtype(student.dtype)
-    keep = torch.ones(b, length, device=student.device) if include_padding else mask[:, :length]
+    keep = torch.ones(b, length, device=student.device) if include_padding else mask
     weights = keep.to(dtype)
     t = teacher.detach()[:, mapping]
     diff = (F.normalize(student.to(dtype), dim=-1) - F.normalize(t.to(dtype), dim=-1)).pow(2).mean(-1)

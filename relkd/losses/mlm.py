@@ -23,9 +23,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from relkd._debug import is_debug
 from relkd.graphs.ops import compute_dtype
 from relkd.losses.base import DistillLoss
 from relkd.losses.registry import register
+from relkd.losses.token_kd import masked_mean
 
 __all__ = ["MLMLoss", "masked_lm"]
 FUNCTIONAL = ("masked_lm",)
@@ -41,15 +43,17 @@ def masked_lm(token_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     length = token_logits.shape[1]
     if labels.shape[1] < length:
         raise ValueError(f"masked_lm: labels of length {labels.shape[1]} for logits of length {length}")
-    if (labels[:, length:] >= 0).any():
-        raise ValueError(f"masked_lm: labels mark positions beyond the logits' length {length}")
+    if is_debug():  # value checks sync the device: debug mode only (relkd.set_debug)
+        if (labels[:, length:] >= 0).any():
+            raise ValueError(f"masked_lm: labels mark positions beyond the logits' length {length}")
+        if labels.max() >= token_logits.shape[-1]:
+            raise ValueError(f"masked_lm: a label is >= the vocabulary size {token_logits.shape[-1]}")
     labels = labels[:, :length]
     chosen = labels >= 0
-    if labels.max() >= token_logits.shape[-1]:
-        raise ValueError(f"masked_lm: a label is >= the vocabulary size {token_logits.shape[-1]}")
-    logits = token_logits[chosen].to(compute_dtype(token_logits.dtype))
-    total = F.cross_entropy(logits, labels[chosen], reduction="sum")
-    return total / chosen.sum().clamp(min=1)
+    logits = token_logits.to(compute_dtype(token_logits.dtype))
+    # every position is scored (an ignored one as class 0) and weighted 0 unless chosen: static shapes
+    per_token = F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
+    return masked_mean(per_token, chosen)
 
 
 @register("mlm")

@@ -27,26 +27,33 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from relkd._debug import check_finite
+from relkd._debug import check_finite, is_debug
 from relkd.graphs.ops import compute_dtype
 from relkd.losses.base import DistillLoss
 from relkd.losses.registry import register
 
-__all__ = ["TokenKDLoss", "select_rows", "token_kd"]
+__all__ = ["TokenKDLoss", "masked_mean", "token_kd", "token_weights"]
 FUNCTIONAL = ("token_kd",)
 POSITIONS = ("tokens", "masked")
 
 
-def select_rows(x: torch.Tensor, mask: torch.Tensor, name: str) -> torch.Tensor:
-    """The rows ``x[b, l]`` where ``mask[b, l]`` is nonzero: ``[B, L, ...]``, ``[B, >=L]`` -> ``[R, ...]``."""
-    if mask.dim() != 2 or mask.shape[0] != x.shape[0] or mask.shape[1] < x.shape[1]:
+def token_weights(mask: torch.Tensor, length: int, batch: int, name: str) -> torch.Tensor:
+    """``mask [B, >= L]`` as 0/1 weights ``[B, L]`` (shapes checked here; the check that no position beyond
+    ``L`` is marked reads values, so it runs in debug mode only: :func:`relkd.set_debug`)."""
+    if mask.dim() != 2 or mask.shape[0] != batch or mask.shape[1] < length:
         raise ValueError(
-            f"{name}: expected a mask [B, >= L] for tensors [B, L, ...], got mask {tuple(mask.shape)} and "
-            f"tensor {tuple(x.shape)}"
+            f"{name}: expected a mask [B, >= L] for tensors [B={batch}, L={length}, ...], got mask "
+            f"{tuple(mask.shape)}"
         )
-    if mask[:, x.shape[1] :].any():
-        raise ValueError(f"{name}: the mask marks positions beyond the tensors' length {x.shape[1]}")
-    return x[mask[:, : x.shape[1]] != 0]
+    if is_debug() and bool(mask[:, length:].any()):
+        raise ValueError(f"{name}: the mask marks positions beyond the tensors' length {length}")
+    return (mask[:, :length] != 0).float()
+
+
+def masked_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The mean of ``values [B, L]`` over the positions with weight 1; 0 (with a gradient) when none is.
+    A weighted sum, not boolean indexing: shapes stay static, so it compiles without a graph break."""
+    return (values * weights.to(values.dtype)).sum() / weights.sum().clamp(min=1).to(values.dtype)
 
 
 def token_kd(
@@ -60,14 +67,16 @@ def token_kd(
         )
     if T <= 0:
         raise ValueError(f"token_kd: temperature T must be positive, got {T}")
+    b, length, _ = student_logits.shape
+    weights = token_weights(mask, length, b, "token_kd")
     dtype = compute_dtype(student_logits.dtype)
-    s = select_rows(student_logits, mask, "token_kd").to(dtype)
-    t = select_rows(teacher_logits.detach(), mask, "token_kd").to(dtype)
+    s = student_logits.to(dtype)
+    t = teacher_logits.detach().to(dtype)
     check_finite("token_kd", "student input", s)
     log_p_s = F.log_softmax(s / T, dim=-1)
     log_p_t = F.log_softmax(t / T, dim=-1)
-    total = (log_p_t.exp() * (log_p_t - log_p_s)).sum()
-    return total / max(1, s.shape[0]) * T * T
+    per_token = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+    return masked_mean(per_token, weights) * T * T
 
 
 @register("token_kd")
