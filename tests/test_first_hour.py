@@ -70,6 +70,47 @@ def test_a_subset_of_the_methods_reuses_and_keeps_the_others_in_config_and_table
     assert {"teacher", "kd", "rkd", "baseline"} <= set(rows)
 
 
+def test_a_directory_from_before_a_new_config_key_is_still_reused(finished, tmp_path, capsys):
+    """A key added to relkd later (here: every key at its default removed from config.yaml, as an
+    older relkd wrote it) is no difference: the runs are reused, not refused nor retrained."""
+    import yaml
+
+    run = copy_run(finished, tmp_path)
+
+    def strip(node):
+        if isinstance(node, dict):
+            return {
+                k: strip(v) for k, v in node.items() if k not in ("init", "init_skip", "compile", "sync_bn")
+            }
+        return node
+
+    (run / "config.yaml").write_text(yaml.safe_dump(strip(yaml.safe_load((run / "config.yaml").read_text()))))
+    finals = {p: p.stat().st_mtime_ns for p in run.rglob("final.pt")}
+    status, err = relkd(capsys, "run", "methods=[kd, rkd]", f"out={run}", *TINY)
+    assert status == 0, err
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("final.pt")} == finals
+
+
+def test_a_run_hash_ignores_fields_at_their_default():
+    from dataclasses import dataclass, field
+
+    from relkd.experiment.setup import config_hash
+
+    @dataclass
+    class Old:
+        lr: float = 0.1
+        layers: list = field(default_factory=lambda: [1, 2])
+
+    @dataclass
+    class New(Old):
+        added: str | None = None
+
+    assert config_hash(Old(), 3) == config_hash(New(), 3)
+    assert config_hash(Old(lr=0.2), 3) == config_hash(New(lr=0.2), 3) != config_hash(New(), 3)
+    assert config_hash(New(added="x")) != config_hash(New())
+    assert config_hash(New(layers=[1])) != config_hash(New())
+
+
 def test_overwrite_starts_over(finished, tmp_path, capsys):
     run = copy_run(finished, tmp_path)
     status, _ = relkd(
