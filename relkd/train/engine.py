@@ -53,6 +53,7 @@ from tqdm import tqdm
 
 from relkd import distributed as D
 from relkd.evaluation import EvalContext
+from relkd.evaluation.robust import PixelSpace
 from relkd.methods import (
     STEPS,
     LossTerm,
@@ -238,6 +239,7 @@ class Engine:
                 num_classes=num_classes,
                 terms=terms,
                 stage=stage.info(index, self.starts[index]),
+                pixels=PixelSpace.of(test_loader),
             )
             if not isinstance(step, cls):
                 raise TypeError(f"step {stage.step['name']!r} built a {type(step).__name__}, not a Step")
