@@ -6,13 +6,13 @@
 relkd scores every anchor against the whole bank with one ``[B, 128] x [128, N]`` product and picks
 the ``K`` sampled columns (:func:`relkd.losses.contrast.bank_scores`); the authors' code gathers the
 ``K`` (CRD: ``1 + K``) bank rows of every anchor into a ``B x K x 128`` tensor and scores it with
-``bmm`` (:mod:`benchmarks.textbook`). Both forms get the same embeddings (unit rows, all trained, as
+``bmm`` (:mod:`benchmarks.reference`). Both forms get the same embeddings (unit rows, all trained, as
 the projections and graph encoders are), banks, indices and negatives:
 
 1. values: the loss and its gradient for every embedding, both forms in float64, as the largest
    relative difference (the goal is 1e-6);
-2. cost: forward + backward in float32, median time and peak memory (measured as in
-   :mod:`benchmarks.losses`), and their ratios.
+2. cost: forward + backward in float32, both forms interleaved in rounds (:mod:`benchmarks._measure`):
+   median time with the range of the round medians, the paired ratio, and the peak memory.
 
 Prints a markdown table; ``--out DIR`` also writes ``banks.md`` and ``banks.json``.
 """
@@ -20,7 +20,6 @@ Prints a markdown table; ``--out DIR`` also writes ``banks.md`` and ``banks.json
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,8 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import benchmarks.textbook as T
-from benchmarks.losses import format_mib, machine, measure
+import benchmarks.reference as T
+from benchmarks._measure import fmt_range, format_mib, interleaved, meta, paired_ratio, peak_memory
 from relkd.losses.contrast import nce_normalizer
 from relkd.losses.functional import crd, hkd
 
@@ -103,11 +102,11 @@ def agreement(loss: str, b: int, k: int, n: int, device: torch.device) -> dict[s
     return {"value_rel_diff": float((v1 - v2).abs() / v2.abs()), "grad_rel_diff": grad}
 
 
-def cost(loss: str, b: int, k: int, n: int, device: torch.device) -> dict[str, dict]:
-    """Median ms and peak MiB of forward + backward of each form in float32."""
+def cost(loss: str, b: int, k: int, n: int, device: torch.device, rounds: int) -> dict[str, dict]:
+    """Interleaved time and peak MiB of forward + backward of each form in float32."""
     x = make_inputs(b, k, n, 128, torch.float32, device)
     leaves = [x[key] for key in LEAVES[loss]]
-    out = {}
+    steps = {}
     for form, fn in FORMS[loss](x, n).items():
 
         def step(fn: Callable[[], torch.Tensor] = fn) -> None:
@@ -115,13 +114,20 @@ def cost(loss: str, b: int, k: int, n: int, device: torch.device) -> dict[str, d
                 leaf.grad = None
             fn().backward()
 
-        out[form] = measure(step, device)
+        steps[form] = step
+    times = interleaved(steps, device, rounds=rounds)
+    clock = "wall" if device.type == "cuda" else "cpu"
+    out = {
+        form: {"ms": t.summary(clock), "mib": peak_memory(steps[form], device)} for form, t in times.items()
+    }
+    out["ratio"] = paired_ratio(times["gather"], times["relkd"], clock)
     return out
 
 
-def markdown(meta: dict, rows: list[dict]) -> str:
+def markdown(info: dict, rows: list[dict]) -> str:
     lines = [
-        f"{meta['date']}, {meta['machine']}, torch {meta['torch']}, device {meta['device']}.",
+        f"{info['date']}, {info['machine']}, torch {info['torch']}, device {info['device']}, commit "
+        f"{info['commit']}; {info['rounds']} interleaved rounds, median [lowest-highest round median].",
         "",
         "| loss | B | K | N | relkd ms | gather ms | speed-up | relkd MiB | gather MiB | memory saving "
         "| value rel. diff (f64) | gradient rel. diff (f64) |",
@@ -132,10 +138,12 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         mem = ""
         if ours["mib"] is not None and theirs["mib"] is not None:
             mem = f"{theirs['mib'] / max(ours['mib'], 0.1):.1f}x"
+        ratio = r["ratio"]
         lines.append(
-            f"| {r['loss']} | {r['B']} | {r['K']} | {r['N']} | {ours['ms']:.1f} | {theirs['ms']:.1f} | "
-            f"{theirs['ms'] / ours['ms']:.1f}x | {format_mib(ours['mib'])} | {format_mib(theirs['mib'])} | "
-            f"{mem} | {r['value_rel_diff']:.1e} | {r['grad_rel_diff']:.1e} |"
+            f"| {r['loss']} | {r['B']} | {r['K']} | {r['N']} | {fmt_range(ours['ms'], '.1f')} | "
+            f"{fmt_range(theirs['ms'], '.1f')} | {ratio[0]:.1f}x [{ratio[1]:.1f}-{ratio[2]:.1f}] | "
+            f"{format_mib(ours['mib'])} | {format_mib(theirs['mib'])} | {mem} | {r['value_rel_diff']:.1e} | "
+            f"{r['grad_rel_diff']:.1e} |"
         )
     return "\n".join(lines)
 
@@ -148,29 +156,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--num-data", type=int, default=50_000)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     device = torch.device(a.device)
-    meta = {
-        "date": datetime.date.today().isoformat(),
-        "machine": machine(device),
-        "torch": torch.__version__,
-        "device": str(device),
-    }
+    info = meta(device, rounds=a.rounds)
     rows = []
     for loss in a.losses:
         row = {"loss": loss, "B": a.batch, "K": a.negatives, "N": a.num_data}
         row.update(agreement(loss, a.batch, a.negatives, a.num_data, device))
-        row.update(cost(loss, a.batch, a.negatives, a.num_data, device))
+        row.update(cost(loss, a.batch, a.negatives, a.num_data, device, a.rounds))
         print(json.dumps(row), flush=True)
         rows.append(row)
-    text = markdown(meta, rows)
+    text = markdown(info, rows)
     print("\n" + text)
     if a.out:
         a.out.mkdir(parents=True, exist_ok=True)
         (a.out / "banks.md").write_text(text + "\n")
-        (a.out / "banks.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        (a.out / "banks.json").write_text(json.dumps({"meta": info, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

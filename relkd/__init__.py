@@ -3,7 +3,33 @@
 from typing import Any
 
 __version__ = "0.2.0"
-__all__ = ["RelationGraph", "set_debug", "is_debug", "__version__"]
+__all__ = ["RelationGraph", "compile", "set_debug", "is_debug", "__version__"]
+
+
+def compile(obj: Any, **options: Any) -> Any:  # noqa: A001  (relkd.compile, after torch.compile)
+    """Compile a loss, a network or a function with ``torch.compile``.
+
+    A module is compiled in place (``nn.Module.compile``) and returned, so its ``state_dict`` keys, its
+    checkpoints and its forward hooks stay as they are; a function is returned compiled. ``options`` go
+    to ``torch.compile`` (``fullgraph``, ``dynamic``, ``mode``, ``backend``); ``dynamic`` defaults to
+    False: shapes are specialised, and a new batch size compiles once more (on the CPU the kernels
+    compiled for symbolic sizes ran the relational losses up to 1.7x slower than eager ones, the
+    specialised ones faster). relkd's losses compile to one graph each (no graph break), and inside a
+    compiled graph the RKD angle's per-chunk body is compiled as well, so each loss's ``B x B`` chain
+    runs fused.
+
+    Example:
+        >>> loss = relkd.compile(relkd.losses.build("pkt"))
+        >>> value = loss(student_features, teacher_features)
+    """
+    import torch
+
+    options.setdefault("dynamic", False)
+    if isinstance(obj, torch.nn.Module):
+        obj.compile(**options)
+        return obj
+    return torch.compile(obj, **options)
+
 
 
 def __getattr__(name: str) -> Any:

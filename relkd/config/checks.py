@@ -210,6 +210,18 @@ def _check_train(path: str, train: TrainConfig) -> None:
             f"{path}.clip_to_ce_ramp: expected one of {', '.join(map(str, CLIP_RAMPS))}, "
             f"got {train.clip_to_ce_ramp!r}"
         )
+    if train.compile:
+        _check_compile(join(path, "compile"))
+
+
+def _check_compile(path: str) -> None:
+    import torch._dynamo
+
+    if not torch._dynamo.is_dynamo_supported():
+        raise ConfigError(
+            f"{path}: torch.compile is not supported with this Python and torch ({torch.__version__}); "
+            "set it to false"
+        )
 
 
 def _check_method(path: str, method: MethodConfig, config: SuiteConfig, trains_teacher: bool = False) -> None:

@@ -135,6 +135,7 @@ def run_teacher(
         info={"method": "teacher", "seed": spec.seed, "model": spec.model},
         label=label,
         sync_bn=spec.train.sync_bn,
+        compile=spec.train.compile,
     )
     result = engine.fit(resume=resume)
     echo(f"{label} {spec.model}: top-1 {result['last_acc1']:.2f}% (best {result['best_acc1']:.2f}%)")
@@ -236,6 +237,7 @@ def run_method(
         info={"method": name, "seed": seed, "model": first.model},
         label=f"{name} s{seed}",
         sync_bn=method.train.sync_bn,
+        compile=method.train.compile,
     )
     result = engine.fit(resume=resume)
     accuracies = ", ".join(

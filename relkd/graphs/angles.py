@@ -23,18 +23,27 @@ import torch.nn.functional as F
 
 from relkd.graphs.ops import diagonal, full_precision, inv_or_zero
 
-__all__ = ["angles_from_gram", "angle_smooth_l1", "default_chunk"]
+__all__ = ["angles_from_gram", "angle_smooth_l1", "default_chunk", "CHUNK_BUDGET_BYTES"]
 
-# Elements of one c x N x N block: on the CPU a 4 MiB block (float32) measured about 25% faster than a
-# 16 MiB one; a GPU wants large blocks, for few kernel launches.
-_CHUNK_ELEMENTS = {"cpu": 1 << 20}
-_CHUNK_ELEMENTS_DEFAULT = 1 << 22
+# The memory a chunk's ``c x N x N`` blocks may take, by device type: the eager pass holds about four
+# blocks at once. On the CPU the blocks are best kept in the cache: at N = 512 (float32, one thread) a
+# 4 MiB block ran 2.2x faster than a 16 MiB one eagerly and 1.4x faster compiled, so the budget there is
+# 16 MiB (one anchor per chunk from N = 1024). A GPU wants few kernel launches: 1 GiB gives N = 1024
+# about 20 chunks.
+CHUNK_BUDGET_BYTES = {"cpu": 16 << 20}
+CHUNK_BUDGET_DEFAULT = 1 << 30
+_LIVE_BLOCKS = 4
 
 
-def default_chunk(n: int, device: torch.device | str = "cpu") -> int:
-    """Anchors per chunk so that one ``c x N x N`` block holds about 1M elements on the CPU, 4M elsewhere."""
-    elements = _CHUNK_ELEMENTS.get(torch.device(device).type, _CHUNK_ELEMENTS_DEFAULT)
-    return max(1, min(n, elements // max(1, n * n)))
+def default_chunk(
+    n: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, budget: int | None = None
+) -> int:
+    """Anchors per chunk: as many as keep the chunk's ``c x N x N`` blocks within ``budget`` bytes
+    (default :data:`CHUNK_BUDGET_BYTES` for the device type, else :data:`CHUNK_BUDGET_DEFAULT`)."""
+    if budget is None:
+        budget = CHUNK_BUDGET_BYTES.get(torch.device(device).type, CHUNK_BUDGET_DEFAULT)
+    per_anchor = _LIVE_BLOCKS * n * n * torch.finfo(dtype).bits // 8
+    return max(1, min(n, budget // max(1, per_anchor)))
 
 
 def angles_from_gram(g: torch.Tensor, inv_d: torch.Tensor) -> torch.Tensor:
@@ -95,7 +104,7 @@ _COMPILED: dict[str, Callable] = {}
 def _compiled(name: str, fn: Callable) -> Callable:
     """``torch.compile(fn)``, built on first use (the compiler is only paid for when asked for)."""
     if name not in _COMPILED:
-        _COMPILED[name] = torch.compile(fn, fullgraph=True)
+        _COMPILED[name] = torch.compile(fn, fullgraph=True, dynamic=False)
     return _COMPILED[name]
 
 
@@ -183,12 +192,12 @@ def angle_smooth_l1(
         g_s, inv_d_s: student Gram matrix and inverse distances ``[N, N]``.
         g_t, inv_d_t: teacher Gram matrix and inverse distances ``[N, N]``.
         beta: Huber threshold (smooth-L1 ``beta``).
-        chunk: anchors per block; default :func:`default_chunk` for the inputs' device.
+        chunk: anchors per block; default :func:`default_chunk` for the inputs' device and dtype.
         fused: run each chunk through a ``torch.compile``-d body (one fused loop per chunk; the first
             call compiles it). Default: only when the caller is itself being compiled.
     """
     n = g_s.shape[-1]
-    chunk = chunk or default_chunk(n, g_s.device)
+    chunk = chunk or default_chunk(n, g_s.device, g_s.dtype)
     grad = torch.is_grad_enabled() and (g_s.requires_grad or inv_d_s.requires_grad)
     fused = torch.compiler.is_compiling() if fused is None else fused
     total, _, _ = _angle_pass(g_s, inv_d_s, g_t.detach(), inv_d_t.detach(), float(beta), chunk, grad, fused)

@@ -119,6 +119,17 @@ class RelationGraph:
             self.__dict__["_detached"] = out
         return self.__dict__["_detached"]
 
+    def release(self) -> None:
+        """Drop every cached relation (and the cached detached and normalised graphs).
+
+        For a trainer whose losses of a step share this graph: once the last of them has read its
+        relations, this frees the ``N x N`` matrices that no backward kept. Relations asked for again
+        are computed again.
+        """
+        self._cache.clear()
+        self.__dict__.pop("_detached", None)
+        self.__dict__.pop("_normalized", None)
+
     def _cached(self, key: Any, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         if key not in self._cache:
             with ops.full_precision(self.device):
@@ -162,9 +173,7 @@ class RelationGraph:
         """Mean of the nonzero distances (RKD's ``mu``), ``[...]``; 1 where every distance is 0."""
 
         def fn() -> torch.Tensor:
-            d = self.distance
-            count = (d > 0).sum((-1, -2))
-            return torch.where(count > 0, d.sum((-1, -2)) / count.clamp_min(1), torch.ones_like(d[..., 0, 0]))
+            return ops.mean_nonzero(self.distance)
 
         return self._cached("mean_distance", fn)
 
@@ -178,7 +187,7 @@ class RelationGraph:
     @property
     def cosine(self) -> torch.Tensor:
         """``x_i . x_j / (||x_i|| ||x_j||)``; 0 for zero vectors."""
-        return self._cached("cosine", lambda: ops.cosine_from_gram(self.gram, self.inv_norm))
+        return self._cached("cosine", lambda: ops.cosine_from_gram(self.gram))
 
     @property
     def inv_norm(self) -> torch.Tensor:

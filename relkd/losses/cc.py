@@ -36,15 +36,16 @@ Shapes:
 
 from __future__ import annotations
 
+import math
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from relkd._debug import check_finite
 from relkd.distributed import all_gather, global_relations_enabled
 from relkd.graphs import RelationGraph
-from relkd.graphs.ops import full_precision
-from relkd.losses._inputs import graph_pair, reduce, warn_once
+from relkd.graphs.ops import GramChain, cosine, cosine_backward, full_precision
+from relkd.losses._inputs import gram_loss, gram_pair, nodes, reduce, warn_once
 from relkd.losses.base import DistillLoss
 from relkd.losses.registry import register
 
@@ -54,15 +55,71 @@ FUNCTIONAL = ("correlation_congruence", "correlation_chain")
 Input = torch.Tensor | RelationGraph
 
 
+class _Congruence(GramChain):
+    """``mean_ij (K^s_ij - K^t_ij)^2`` for the Taylor kernels ``K_ij = e_i e_j sum_p a_p cos_ij^p`` of
+    the cosines of two Gram matrices, ``e_i = exp(-gamma)`` (1 for a zero row), in ``2 P + 6`` float
+    passes over ``B x B`` forward (``P`` the order) and ``P + 6`` backward, the factors ``e`` folded
+    into the coefficients when no row is zero.
+    """
+
+    symmetric = True
+
+    @staticmethod
+    def forward(gs: torch.Tensor, gt: torch.Tensor, gamma: float, coeffs: tuple[float, ...]):
+        cs, inv = cosine(gs)
+        es = _node_factors(cs, gamma)
+        ct = cosine(gt)[0]
+        diff = _kernel(cs, es, coeffs).sub_(_kernel(ct, _node_factors(ct, gamma), coeffs))
+        value = torch.dot(diff.view(-1), diff.view(-1)) / diff.numel()
+        if isinstance(es, torch.Tensor):
+            return value, (gs, inv, cs, diff, es), (coeffs, None)
+        return value, (gs, inv, cs, diff), (coeffs, es)
+
+    @staticmethod
+    def backward(grad: torch.Tensor, saved: tuple, kept: tuple) -> torch.Tensor:
+        gs, inv, cs, diff, *es = saved
+        coeffs, scale = kept
+        slope = tuple(p * a for p, a in enumerate(coeffs))[1:] or (0.0,)
+        d_cos = _kernel(cs, es[0] if es else scale, slope).mul_(diff).mul_(grad * (2.0 / diff.numel()))
+        return cosine_backward(d_cos, gs, inv)
+
+
+def _kernel(cos: torch.Tensor, e: torch.Tensor | float, coeffs: tuple[float, ...]) -> torch.Tensor:
+    """``e_i e_j sum_p coeffs[p] cos^p`` by Horner's scheme, a new tensor."""
+    if not isinstance(e, torch.Tensor):
+        coeffs = tuple(a * e * e for a in coeffs)
+    if len(coeffs) == 1:
+        out = torch.full_like(cos, coeffs[0])
+    else:
+        out = torch.mul(cos, coeffs[-1]).add_(coeffs[-2])
+        for a in reversed(coeffs[:-2]):
+            out.mul_(cos).add_(a)
+    if isinstance(e, torch.Tensor):
+        out.mul_(e.unsqueeze(-1)).mul_(e.unsqueeze(-2))
+    return out
+
+
+def _node_factors(cos: torch.Tensor, gamma: float) -> torch.Tensor | float:
+    """``e_i = exp(-gamma ||f_i||^2)`` of the unit rows (1 for a zero row; the cosine's diagonal is 1 or
+    0); one number when no row is zero, which the CPU can tell without waiting for a device (and a
+    compiled graph cannot)."""
+    unit = torch.diagonal(cos, dim1=-2, dim2=-1)
+    if unit.device.type == "cpu" and not torch.compiler.is_compiling() and bool(unit.all()):
+        return math.exp(-gamma)
+    return unit.mul(-gamma).exp_()
+
+
 def correlation_congruence(
     student: Input, teacher: Input, gamma: float = 0.4, order: int = 2, reduction: str = "mean"
 ) -> torch.Tensor:
     """CC loss with the P-order Taylor RBF kernel on unit-normalised embeddings."""
-    s, t = graph_pair("correlation_congruence", student, teacher)
-    k_s = s.normalized().kernel("rbf_taylor", gamma=gamma, order=order)
-    k_t = t.normalized().kernel("rbf_taylor", gamma=gamma, order=order)
-    loss = F.mse_loss(k_s, k_t)
-    return reduce(loss, s.num_nodes**2, reduction, "correlation_congruence")
+    if order < 0:
+        raise ValueError(f"rbf_taylor order must be >= 0, got {order}")
+    s, t = gram_pair("correlation_congruence", student, teacher)
+    coeffs = tuple((2.0 * gamma) ** p / math.factorial(p) for p in range(order + 1))
+    with full_precision(s.device):
+        loss = gram_loss(_Congruence, s, t, gamma, coeffs)
+    return reduce(loss, nodes(s) ** 2, reduction, "correlation_congruence")
 
 
 def correlation_chain(student: torch.Tensor, teacher: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

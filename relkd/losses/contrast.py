@@ -21,6 +21,11 @@ Both are averaged over the batch. The negatives are scored with one matrix produ
 bank followed by a gather, which gives the same values as gathering ``[B, K, D]`` bank rows first at a
 fraction of the memory (``B x N`` scores instead of ``B x K x D`` copies).
 
+:func:`contrast_loss` forms the anchors' gradient in the forward pass, from the bank as it is then
+(``dL/da = delta_0 p + sum_k delta_k v_{n_k}``, ``delta`` the loss's derivative in the scores): the
+backward reads no bank, so the banks may be updated in place (``index_copy_``) before it runs, with
+no ``N x D`` copy per step.
+
 Shapes:
     anchor ``[..., B, D]``, positive ``[..., B, D]``, bank ``[N, D]``, negatives ``[B, K]`` (int64)
     -> scores ``[..., B, 1 + K]`` -> scalar loss.
@@ -37,6 +42,7 @@ from torch import nn
 __all__ = [
     "bank_scores",
     "contrast_scores",
+    "contrast_loss",
     "info_nce",
     "nce_normalizer",
     "nce_loss",
@@ -94,6 +100,92 @@ def nce_loss(
     log_denominator = torch.logaddexp(log_p, log_p.new_tensor(math.log(k / num_data + eps)))
     log_d = torch.cat([log_p[..., :1], log_p.new_full(log_p[..., 1:].shape, log_noise)], -1)
     return -(log_d - log_denominator).sum(-1).mean()
+
+
+def _info_nce_grad(scores: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``d info_nce / d scores``, blocks of rows summed: ``(softmax(s / tau) - e_0) / (B tau)``."""
+    delta = (scores / temperature).softmax(-1)
+    delta[..., 0] -= 1.0
+    return delta.div_(scores.shape[-2] * temperature)
+
+
+def _nce_grad(scores: torch.Tensor, normalizer: torch.Tensor, num_data: int, temperature: float, eps: float):
+    """``d nce_loss / d scores``: ``(sigmoid(log P - log(K / N + eps)) - e_0) / (R tau)`` over ``R`` rows."""
+    k = scores.shape[-1] - 1
+    delta = (scores / temperature - normalizer.log() - math.log(k / num_data + eps)).sigmoid_()
+    delta[..., 0] -= 1.0
+    return delta.div_(scores[..., 0].numel() * temperature)
+
+
+def _value(scores: torch.Tensor, objective: str, temperature: float, normalizer, num_data: int, eps: float):
+    if objective == "nce":
+        return nce_loss(scores, normalizer, num_data, temperature, eps)
+    return sum(info_nce(block, temperature) for block in scores.reshape(-1, *scores.shape[-2:]))
+
+
+def _derivative(
+    scores: torch.Tensor, objective: str, temperature: float, normalizer, num_data: int, eps: float
+):
+    if objective == "nce":
+        return _nce_grad(scores, normalizer, num_data, temperature, eps)
+    return _info_nce_grad(scores, temperature)
+
+
+class _BankContrast(torch.autograd.Function):
+    """A contrastive loss of score rows with the anchors' gradient formed in the forward pass."""
+
+    @staticmethod
+    def forward(
+        ctx, anchor, scores, positive, bank, negatives, objective, temperature, normalizer, num_data, eps
+    ):
+        value = _value(scores, objective, temperature, normalizer, num_data, eps)
+        delta = _derivative(scores, objective, temperature, normalizer, num_data, eps)
+        grad = delta[..., :1] * positive.to(delta.dtype)
+        neg = delta[..., 1:]
+        bank = bank.to(delta.dtype)
+        if negatives.shape[-2] * negatives.shape[-1] < bank.shape[0]:
+            grad += (neg.unsqueeze(-2) @ bank[negatives]).squeeze(-2)
+        else:
+            spread = neg.new_zeros(*neg.shape[:-1], bank.shape[0])
+            spread.scatter_add_(-1, negatives.expand(*neg.shape[:-1], negatives.shape[-1]), neg)
+            grad += spread @ bank
+        ctx.save_for_backward(grad)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad_value):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_value, *(None,) * 9
+
+
+def contrast_loss(
+    anchor: torch.Tensor,
+    positive: torch.Tensor,
+    bank: torch.Tensor,
+    negatives: torch.Tensor,
+    objective: str,
+    temperature: float,
+    normalizer: torch.Tensor | None = None,
+    num_data: int = 0,
+    eps: float = 1e-7,
+    scores: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`info_nce` (``objective="info_nce"``; summed over leading blocks of anchors) or
+    :func:`nce_loss` (``"nce"``, with ``normalizer``, ``num_data``, ``eps``) of the anchors' score rows
+    against ``bank``, whose backward reads neither the bank nor the scores: the anchors' gradient is formed
+    here, so the bank may change in place before the backward runs.
+
+    ``scores``: the rows of :func:`contrast_scores` when the caller has them (e.g. to estimate CRD's
+    normaliser first); they are computed otherwise. The positive and the bank are constants.
+    """
+    if scores is None:
+        with torch.no_grad():
+            scores = contrast_scores(anchor, positive, bank, negatives)
+    scores = scores.detach()
+    args = (objective, temperature, normalizer, num_data, eps)
+    if torch.is_grad_enabled() and anchor.requires_grad:
+        return _BankContrast.apply(anchor, scores, positive.detach(), bank.detach(), negatives, *args)
+    return _value(scores, *args)
 
 
 class Embed(nn.Module):

@@ -51,7 +51,7 @@ from relkd._debug import check_finite
 from relkd.distributed import all_gather, global_relations_enabled, reduce_mean
 from relkd.graphs.ops import full_precision
 from relkd.losses.base import DistillLoss
-from relkd.losses.contrast import Embed, contrast_scores, nce_loss, nce_normalizer
+from relkd.losses.contrast import Embed, contrast_loss, contrast_scores, nce_normalizer
 from relkd.losses.registry import register
 from relkd.memory import MemoryBank, NegativeSampler, QueueBank
 
@@ -101,11 +101,30 @@ def crd(
 
     ``normalizer`` holds ``(Z_s, Z_t)``; ``None`` estimates both from this batch.
     """
-    scores = crd_scores(
-        student, teacher, student_positive, teacher_positive, student_bank, teacher_bank, negatives
-    )
+    with torch.no_grad():
+        scores = crd_scores(
+            student, teacher, student_positive, teacher_positive, student_bank, teacher_bank, negatives
+        )
     z = normalizer if normalizer is not None else _estimate(scores, num_data, temperature)
-    return sum(nce_loss(s, z[i], num_data, temperature) for i, s in enumerate(scores))
+    return _nce_terms(
+        (student, teacher),
+        scores,
+        (teacher_positive, student_positive),
+        (teacher_bank, student_bank),
+        negatives,
+        z,
+        num_data,
+        temperature,
+    )
+
+
+def _nce_terms(anchors, scores, positives, banks, negatives, z, num_data, temperature) -> torch.Tensor:
+    """The two NCE terms through :func:`relkd.losses.contrast.contrast_loss`, whose backward reads no bank."""
+    terms = zip(anchors, scores, positives, banks, strict=True)
+    return sum(
+        contrast_loss(a, p, bank, negatives, "nce", temperature, z[i], num_data, scores=x)
+        for i, (a, x, p, bank) in enumerate(terms)
+    )
 
 
 def _estimate(scores: tuple[torch.Tensor, ...], num_data: int, temperature: float) -> torch.Tensor:
@@ -207,22 +226,17 @@ class CRDLoss(DistillLoss):
             t = self.embed_t(teacher_feat.detach())
             if negatives is None:
                 negatives = self.sampler(index, self.num_negatives)
-            scores = crd_scores(
-                s,
-                t,
-                self.student_bank.positive(index, s),
-                self.teacher_bank.positive(index, t),
-                self.student_bank.memory,
-                self.teacher_bank.memory,
-                negatives,
-            )
+            positives = (self.teacher_bank.positive(index, t), self.student_bank.positive(index, s))
+            banks = (self.teacher_bank.memory, self.student_bank.memory)
+            with torch.no_grad():
+                scores = crd_scores(s, t, positives[1], positives[0], banks[1], banks[0], negatives)
             stored = self.normalizer.to(s.dtype)
             estimate = _estimate(scores, self.num_data, self.temperature)
             sync = self.training and global_relations_enabled()
             if sync:
                 estimate = reduce_mean(estimate)
             z = torch.where(stored > 0, stored, estimate)
-            loss = sum(nce_loss(x, z[i], self.num_data, self.temperature) for i, x in enumerate(scores))
+            loss = _nce_terms((s, t), scores, positives, banks, negatives, z, self.num_data, self.temperature)
             if self.training:
                 self.normalizer.copy_(z)
                 if sync:

@@ -71,7 +71,7 @@ from relkd.gnn import create as create_gnn
 from relkd.graphs import RelationGraph, knn_from_relation
 from relkd.graphs.ops import full_precision
 from relkd.losses.base import DistillLoss
-from relkd.losses.contrast import Embed, contrast_scores, info_nce
+from relkd.losses.contrast import Embed, contrast_loss
 from relkd.losses.registry import register
 from relkd.memory import MemoryBank, NegativeSampler
 
@@ -124,9 +124,11 @@ def hkd(
         anchors_t.append(teacher_graph)
         positives_s.append(_smoothed(teacher_bank[index], teacher_graph, smooth))
         positives_t.append(_smoothed(student_bank[index], student_graph, smooth))
-    scores_s = contrast_scores(torch.stack(anchors_s), torch.stack(positives_s), neg_s, negatives)
-    scores_t = contrast_scores(torch.stack(anchors_t), torch.stack(positives_t), neg_t, negatives)
-    return sum(info_nce(scores, temperature) for scores in (*scores_s, *scores_t))
+    return contrast_loss(
+        torch.stack(anchors_s), torch.stack(positives_s), neg_s, negatives, "info_nce", temperature
+    ) + contrast_loss(
+        torch.stack(anchors_t), torch.stack(positives_t), neg_t, negatives, "info_nce", temperature
+    )
 
 
 def _smoothed(bank_rows: torch.Tensor, graph: torch.Tensor, smooth: float) -> torch.Tensor:

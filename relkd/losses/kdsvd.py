@@ -56,7 +56,7 @@ from torch import nn
 from relkd._debug import check_finite
 from relkd.distributed import global_relations_enabled, world_size
 from relkd.graphs import ops
-from relkd.graphs.svd import aligned_singular_vectors, rbf_correlation
+from relkd.graphs.svd import aligned_singular_vectors, rbf_correlation_mse
 from relkd.losses._inputs import reduce
 from relkd.losses.base import DistillLoss
 from relkd.losses.registry import register
@@ -188,12 +188,14 @@ def kd_svd(
         for (vs_f, vt_f, st_f), (vs_b, vt_b, st_b) in zip(layers, layers[1:], strict=False):
             n = min(vt_f.shape[-1], vt_b.shape[-1])
             w_f, w_b = _value_weights(st_f[..., :n]), _value_weights(st_b[..., :n])
-            g_s = rbf_correlation(vs_f[..., :n] * w_f, vs_b[..., :n] * w_b, sigma)
-            g_t = rbf_correlation(vt_f[..., :n] * w_f, vt_b[..., :n] * w_b, sigma)
+            mse = rbf_correlation_mse(
+                vs_f[..., :n] * w_f, vs_b[..., :n] * w_b, vt_f[..., :n] * w_f, vt_b[..., :n] * w_b, sigma
+            )
+            entries = vs_f.shape[0] * n * vs_f.shape[-2] * vs_b.shape[-2]  # the [B, n, C_f, C_b] graph's
             # "sum" is over the global batch: under global relations W times this shard's entries, so
             # the value and gradient scale do not change with W (relkd.distributed's convention)
-            count = g_s.numel() * (world_size() if global_relations_enabled() else 1)
-            term = reduce((g_s - g_t).square().mean(), count, reduction, "kd_svd")
+            count = entries * (world_size() if global_relations_enabled() else 1)
+            term = reduce(mse, count, reduction, "kd_svd")
             total = term if total is None else total + term
     return total
 

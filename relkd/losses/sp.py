@@ -21,11 +21,10 @@ Shapes:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from relkd.graphs import RelationGraph
-from relkd.graphs.ops import distance_from_sq
-from relkd.losses._inputs import graph_pair, reduce
+from relkd.graphs.ops import GramChain, full_precision
+from relkd.losses._inputs import features, gram_loss, gram_pair, nodes, reduce
 from relkd.losses.base import DistillLoss
 from relkd.losses.registry import register
 
@@ -35,17 +34,44 @@ FUNCTIONAL = ("similarity_preserving",)
 Input = torch.Tensor | RelationGraph
 
 
-def _row_normalized(g: torch.Tensor) -> torch.Tensor:
-    # A division, not a product with the reciprocal: a row of one entry is then exactly 1.
-    norm = distance_from_sq(g.square().sum(-1, keepdim=True))
-    return g / torch.where(norm > 0, norm, 1.0)
+class _SimilarityPreserving(GramChain):
+    """``sum_ij (Y^s_ij - Y^t_ij)^2 / B^2`` for the row-normalised ``Y = G / ||G_i||`` in five float
+    passes over ``B x B`` forward and three backward.
+
+    A zero row keeps the norm 1 (it stays zero, and its gradient passes through unscaled). With
+    ``u_i = 1 / ||G^s_i||`` and ``D = Y^t - Y^s``, ``dL/dG^s_i = -2 u_i D_i + 2 u_i^3 (G^s_i . D_i) G^s_i``
+    over ``B^2``.
+    """
+
+    @staticmethod
+    def forward(gs: torch.Tensor, gt: torch.Tensor):
+        inv_s = _inverse_row_norms(gs)
+        diff = (gt * _inverse_row_norms(gt)).addcmul_(gs, inv_s, value=-1.0)
+        value = torch.dot(diff.view(-1), diff.view(-1)) / diff.numel()
+        return value, (gs, diff, inv_s), ()
+
+    @staticmethod
+    def backward(grad: torch.Tensor, saved: tuple, kept: tuple) -> torch.Tensor:
+        gs, diff, inv_s = saved
+        scale = grad * (2.0 / diff.numel())
+        along = torch.linalg.vecdot(gs, diff).unsqueeze(-1).mul_(inv_s.pow(3)).mul_(scale)
+        return (diff * (inv_s * -scale)).addcmul_(gs, along)
+
+
+def _inverse_row_norms(g: torch.Tensor) -> torch.Tensor:
+    """``1 / ||G_i||`` as ``[..., B, 1]``; 1 for a zero row."""
+    return torch.linalg.vector_norm(g, dim=-1, keepdim=True).reciprocal_().nan_to_num_(posinf=1.0)
 
 
 def similarity_preserving(student: Input, teacher: Input, reduction: str = "mean") -> torch.Tensor:
     """SP loss: squared Frobenius distance of the row-normalised Gram matrices over ``B^2``."""
-    s, t = graph_pair("similarity_preserving", student, teacher)
-    loss = F.mse_loss(_row_normalized(s.gram), _row_normalized(t.gram))
-    return reduce(loss, s.num_nodes**2, reduction, "similarity_preserving")
+    s, t = gram_pair("similarity_preserving", student, teacher)
+    with full_precision(s.device):
+        if nodes(s) < 2:  # one row of one entry, normalised to 1 on both sides
+            loss = features(s).sum() * 0.0
+        else:
+            loss = gram_loss(_SimilarityPreserving, s, t)
+    return reduce(loss, nodes(s) ** 2, reduction, "similarity_preserving")
 
 
 @register("sp")

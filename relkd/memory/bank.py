@@ -62,19 +62,22 @@ class MemoryBank(nn.Module):
 
     @torch.no_grad()
     def update(self, index: torch.Tensor, x: torch.Tensor) -> None:
-        """Move the entries of ``index`` towards ``x`` with the bank's momentum.
+        """Move the entries of ``index`` towards ``x`` with the bank's momentum, in place.
 
-        The new bank is a new tensor, not an in-place write: the scores of this step saved the old
-        bank for their backward, which still has to run. With repeated indices in one batch, the last
-        occurrence wins: every copy of an index writes the last occurrence's row, so the result does not
-        depend on the order of the writes (unspecified for ``index_copy`` on CUDA), and the ranks of a
-        distributed run, updating with the same gathered batch, keep identical banks.
+        The rows are written into ``memory`` itself (``index_copy_``): a step allocates ``B x D``, not a
+        new ``N x D`` bank. The losses of :mod:`relkd.losses` form their gradients before the update
+        (:func:`relkd.losses.contrast.contrast_loss`), so their pending backward stays valid; a graph
+        of one's own that saved ``memory`` for its backward fails autograd's version check instead.
+        With repeated indices in one batch, the last occurrence wins: every copy of an index writes the
+        last occurrence's row, so the result does not depend on the order of the writes (unspecified
+        for ``index_copy_`` on CUDA), and the ranks of a distributed run, updating with the same
+        gathered batch, keep identical banks.
         """
         rows = self.smoothed(index, x, self.momentum)
         position = torch.arange(len(index), device=index.device)
         last = torch.full((self.num_entries,), -1, dtype=torch.long, device=index.device)
-        last = last.scatter_reduce(0, index, position, "amax")
-        self.memory = self.memory.index_copy(0, index, rows[last[index]])
+        last.scatter_reduce_(0, index, position, "amax")
+        self.memory.index_copy_(0, index, rows[last[index]])
 
     def extra_repr(self) -> str:
         return f"num_entries={self.num_entries}, dim={self.memory.shape[1]}, momentum={self.momentum}"

@@ -51,8 +51,7 @@ class QueueBank(nn.Module):
     def update(self, index: torch.Tensor, x: torch.Tensor) -> None:
         """Enqueue ``x`` over the oldest slots (``index`` is unused: slots are not per example).
 
-        Written out of place, like :meth:`MemoryBank.update`, because this step's scores still need
-        the old queue for their backward.
+        Written in place, like :meth:`MemoryBank.update`: the losses' backward reads no queue.
         """
         if x.shape[0] > self.num_entries:
             raise ValueError(
@@ -60,8 +59,8 @@ class QueueBank(nn.Module):
                 "use a queue_size at least as large as the batch"
             )
         slots = (self.ptr + torch.arange(x.shape[0], device=self.ptr.device)) % self.num_entries
-        self.memory = self.memory.index_copy(0, slots, x.detach().to(self.memory.dtype))
-        self.ptr = (self.ptr + x.shape[0]) % self.num_entries
+        self.memory.index_copy_(0, slots, x.detach().to(self.memory.dtype))
+        self.ptr.add_(x.shape[0]).remainder_(self.num_entries)
 
     def extra_repr(self) -> str:
         return f"size={self.num_entries}, dim={self.memory.shape[1]}"

@@ -146,6 +146,9 @@ class Engine:
         sync_bn: BatchNorm of the students, losses and steps over the global batch under data
             parallelism (:func:`relkd.train.parallel.use_global_batchnorm`); None: whenever ``W > 1``
             and one of them has BatchNorm.
+        compile: ``train.compile``: the steps call the networks compiled (``torch.compile``, shapes
+            specialised) and the loss modules are compiled in place (:func:`relkd.compile`); state-dict
+            keys, checkpoints, feature hooks and the step protocol stay as they are.
     """
 
     def __init__(
@@ -174,6 +177,7 @@ class Engine:
         info: Mapping[str, Any] | None = None,
         label: str = "",
         sync_bn: bool | None = None,
+        compile: bool = False,
     ) -> None:
         teachers = dict(teachers or {})
         terms = dict(terms or {})
@@ -247,6 +251,14 @@ class Engine:
         self.agreement = agreement and _agreement_available()
         trained = [self.root[n] for n in self.students] + [self.root[LOSS], self.root[STEP_MODULES]]
         self.sync_bn = use_global_batchnorm(trained, sync_bn)
+        self.compile = compile
+        # The steps call compiled wrappers of the networks (evaluation and the probe call the networks
+        # themselves, so they add no compilation); loss modules are compiled in place.
+        self._compiled = (
+            {n: _compiled(self.root[n]) for n in self.students + self.teachers} if compile else {}
+        )
+        for module in self.root[LOSS].values() if compile else ():
+            _compiled(module, in_place=True)
 
     # --- setup -------------------------------------------------------------------------------------
 
@@ -371,7 +383,7 @@ class Engine:
     def _wrap(self, stage: Stage, step: Step) -> tuple[dict[str, nn.Module], set[int]]:
         """The networks the steps call, students in DDP where it applies, and the ids of the
         parameters DDP averages (the engine averages the rest itself)."""
-        networks: dict[str, nn.Module] = {n: self.root[n] for n in self.students + self.teachers}
+        networks = {n: self._compiled.get(n, self.root[n]) for n in self.students + self.teachers}
         # DDP waits for a gradient of every parameter that reaches its output; only the cross-entropy
         # guarantees one, and clip_to_ce's autograd.grad bypasses DDP's hooks altogether.
         if not (D.is_distributed() and step.ddp_wrap and stage.ce_weight and not stage.clip_to_ce):
@@ -384,6 +396,8 @@ class Engine:
                 networks[name] = DistributedDataParallel(
                     self.root[name], device_ids=ids, find_unused_parameters=True
                 )
+                if self.compile:
+                    networks[name] = _compiled(networks[name])
                 synced |= {id(p) for p in trainable}
         return networks, synced
 
@@ -771,6 +785,16 @@ def _finite(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _finite(v) for k, v in value.items()}
     return value
+
+
+def _compiled(module: nn.Module, in_place: bool = False) -> nn.Module:
+    """``module`` compiled with shapes specialised: in place (:func:`relkd.compile`), or a
+    ``torch.compile`` wrapper that shares its parameters and hooks and leaves its own calls eager."""
+    if in_place:
+        from relkd import compile as compile_in_place
+
+        return compile_in_place(module)
+    return torch.compile(module, dynamic=False)
 
 
 def _targets(targets: Tensor | None, num_data: int) -> Tensor:
