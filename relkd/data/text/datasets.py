@@ -1,4 +1,5 @@
-"""Registered text datasets: ``text_classification``, ``text_corpus`` (masked-LM), ``parallel_text``.
+"""Registered text datasets: ``text_classification``, ``text_corpus`` (masked-LM), ``parallel_text``,
+``summarization`` (document -> summary pairs).
 
 Each reads a standard file (``path``: JSONL, CSV or TSV with a header) or, by default, an offline
 source cached by ``python -m relkd.data.text.prepare`` (:mod:`relkd.data.text.sources`), tokenises it
@@ -16,11 +17,25 @@ import torch
 
 from relkd.data.bundle import DataBundle
 from relkd.data.registry import register
-from relkd.data.text.dataset import TokenDataset, cloze_test, mask_weights, text_bundle, token_weights
+from relkd.data.text.dataset import (
+    MLM_SMOOTHING,
+    TokenDataset,
+    cloze_test,
+    mask_weights,
+    text_bundle,
+    token_weights,
+)
 from relkd.data.text.sources import cached_file, read_records
-from relkd.data.text.tokenize import encode, load_tokenizer, special_ids
+from relkd.data.text.tokenize import encode, encode_labels, load_tokenizer, special_ids
 
-__all__ = ["parallel_text", "split_positions", "text_classification", "text_corpus"]
+__all__ = [
+    "group_split",
+    "parallel_text",
+    "split_positions",
+    "summarization",
+    "text_classification",
+    "text_corpus",
+]
 
 
 def split_positions(n: int, test: int | float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,6 +46,31 @@ def split_positions(n: int, test: int | float, seed: int) -> tuple[torch.Tensor,
         raise ValueError(f"a test split of {test} leaves no training or no test item out of {n}")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return order[size:].sort().values, order[:size].sort().values
+
+
+def group_split(groups: Sequence[str], test: int | float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted ``(train, test)`` positions with every group wholly on one side: groups are drawn in a
+    seeded order until the test side holds ``test`` items (a fraction when below 1) or just more."""
+    n = len(groups)
+    size = round(test * n) if test < 1 else int(test)
+    if not 0 < size < n:
+        raise ValueError(f"a test split of {test} leaves no training or no test item out of {n}")
+    members: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    names = list(members)
+    order = torch.randperm(len(names), generator=torch.Generator().manual_seed(seed)).tolist()
+    chosen: list[int] = []
+    for k in order:
+        if len(chosen) >= size:
+            break
+        chosen.extend(members[names[k]])
+    if len(chosen) >= n:
+        raise ValueError(f"a test split of {test} leaves no training item: the data has {len(names)} groups")
+    test_rows = torch.tensor(sorted(chosen), dtype=torch.long)
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[test_rows] = False
+    return keep.nonzero().flatten(), test_rows
 
 
 def _source(path: str | None, default: str, root: str | Path | None) -> Path:
@@ -102,6 +142,7 @@ def text_corpus(
     max_length: int = 32,
     test_size: float = 1000,
     split_seed: int = 0,
+    mlm_smoothing: float = MLM_SMOOTHING,
 ) -> DataBundle:
     """Unlabelled text for masked-LM training (default: every Debian fortune).
 
@@ -109,6 +150,11 @@ def text_corpus(
     one token, drawn uniformly among its non-special tokens (seeded), replaced by ``[MASK]``, and that
     token as its target, so a masked-LM network's test top-1 is its cloze accuracy; ``num_classes``
     is the vocabulary size.
+
+    Args:
+        mlm_smoothing: the masking weights' exponent (:func:`relkd.data.text.dataset.token_weights`):
+            DistilBERT's 0.7 masks rare tokens more often; 0 masks every token alike, as BERT's
+            pre-training does.
     """
     records = read_records(_source(path, "fortunes", root), [text_field])[:max_items]
     tok = load_tokenizer(tokenizer)
@@ -116,7 +162,7 @@ def text_corpus(
         raise ValueError(f"the tokenizer {tokenizer!r} has no mask token, so it cannot serve masked-LM data")
     ids = encode(tok, [str(r[text_field]) for r in records], max_length)
     train, test = split_positions(len(records), test_size, split_seed)
-    weights = _weights(tok, ids[train])
+    weights = token_weights(ids[train], len(tok), special_ids(tok), mlm_smoothing)
     w = mask_weights(ids, weights)
     # the cloze token is drawn uniformly among the maskable ones (the smoothed weights would favour
     # rare tokens, a much harder test than masked-LM training's mix)
@@ -180,3 +226,65 @@ def parallel_text(
         )
 
     return text_bundle("parallel_text", part(train, augment), part(test, False), num_classes=1)
+
+
+@register("summarization")
+def summarization(
+    root: str | Path | None = None,
+    augment: bool = True,
+    path: str | None = None,
+    document_field: str = "document",
+    summary_field: str = "summary",
+    group_field: str | None = None,
+    tokenizer: str = "minilm",
+    max_length: int = 64,
+    summary_length: int = 32,
+    train_size: int | None = None,
+    test_size: float = 500,
+    split_seed: int = 0,
+) -> DataBundle:
+    """Document -> summary pairs for sequence-to-sequence networks (default: Debian package long
+    descriptions -> their one-line synopses, cached by ``python -m relkd.data.text.prepare debian``).
+
+    Each item's ``input`` holds both sides, ``[2 L]`` ids with ``L = max(max_length,
+    summary_length)``: the document (the tokenizer's encoding, truncated to ``max_length``), then the
+    summary's labels (:func:`relkd.data.text.tokenize.encode_labels`: the tokens the decoder predicts,
+    its end token included, at most ``summary_length``), each right-padded to ``L``. Sequence-to-sequence
+    networks (:mod:`relkd.models.seq2seq`) read it as ``[B, 2, L]``. ``target`` is the summary's first
+    token, so a network's test top-1 is its accuracy on that token (teacher-forced); ``num_classes``
+    is the vocabulary size. The quality of whole summaries is the ``rouge`` evaluator's.
+
+    Args:
+        path: a JSONL/CSV/TSV file with ``document_field`` and ``summary_field``.
+        group_field: a field whose values keep related pairs on one side of the split (default: the
+            source package for the offline data, no grouping for a file).
+        tokenizer, max_length, summary_length: tokenisation.
+        train_size: keep this many training pairs, drawn with ``split_seed`` (default all).
+        test_size: the held-out part, a fraction or a count, drawn with ``split_seed`` by group.
+    """
+    group = group_field if group_field is not None or path is not None else "source"
+    fields = [document_field, summary_field, *([group] if group else [])]
+    records = read_records(_source(path, "debian", root), fields)
+    if group:
+        train, test = group_split([str(r[group]) for r in records], test_size, split_seed)
+    else:
+        train, test = split_positions(len(records), test_size, split_seed)
+    if train_size is not None and train_size < len(train):
+        generator = torch.Generator().manual_seed(split_seed + 1)
+        train = train[torch.randperm(len(train), generator=generator)[:train_size]].sort().values
+    # only the pairs kept are tokenised; rows are renumbered 0 .. n-1 (training pairs first)
+    kept = [records[i] for i in [*train.tolist(), *test.tolist()]]
+    train, test = torch.arange(len(train)), torch.arange(len(train), len(kept))
+    tok = load_tokenizer(tokenizer)
+    length = max(max_length, summary_length)
+    documents = encode(tok, [str(r[document_field]) for r in kept], max_length)
+    labels = encode_labels(tok, [str(r[summary_field]) for r in kept], summary_length)
+    ids = torch.full((len(kept), 2 * length), int(tok.pad_token_id or 0), dtype=torch.long)
+    ids[:, :max_length], ids[:, length : length + summary_length] = documents, labels
+    targets = labels[:, 0]
+    weights = torch.zeros(ids.shape)
+
+    def part(rows: torch.Tensor, aug: bool) -> TokenDataset:
+        return TokenDataset(ids[rows], targets[rows], weights[rows], indices=rows - rows[0], augment=aug)
+
+    return text_bundle("summarization", part(train, augment), part(test, False), num_classes=len(tok))

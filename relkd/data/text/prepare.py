@@ -14,6 +14,9 @@ Sources and the Debian packages they read (``apt-get install fortunes sword-text
   verses, about two minutes) or ``all`` (31,084 verses, several minutes: pysword decompresses verse by
   verse).
 * ``messages``: msgid/msgstr pairs of /usr/share/locale/es/LC_MESSAGES/*.mo (what is installed).
+* ``debian``: package long descriptions and their one-line synopses (document -> summary), with each
+  package's source package and section, from apt's indexes (:mod:`relkd.data.text.debian`; the long
+  descriptions need ``apt-get -o Acquire::Languages=en update`` once) and /var/lib/dpkg/status.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from relkd.data.text.debian import debian_descriptions
 from relkd.data.text.sources import FILES, text_data_dir
 
 __all__ = ["bible_pairs", "fortunes", "main", "message_pairs"]
@@ -128,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         "fortunes": lambda: fortunes(),
         "bible": lambda: bible_pairs(args.books),
         "messages": lambda: message_pairs(),
+        "debian": lambda: debian_descriptions(),
     }
     wanted = args.sources or list(makers)
     failed = 0

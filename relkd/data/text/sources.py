@@ -4,15 +4,18 @@
 The cache folder is ``root`` when given, else ``$RELKD_TEXT_DATA``, else ``~/.cache/relkd/text``. Its
 files are JSONL, one record per line:
 
-=======================  ===========================================================================
-``fortunes.jsonl``       ``{"text", "label"}``: Debian ``fortunes`` (the epigrams of
-                         /usr/share/games/fortunes, labelled by their file: art, computers, food ...)
-``bible_en_es.jsonl``    ``{"en", "es", "ref"}``: aligned verses of the Debian SWORD modules
-                         ``sword-text-kjv`` (King James) and ``sword-text-sparv`` (Reina-Valera 1909),
-                         read with ``pysword``
-``messages_en_es.jsonl`` ``{"en", "es", "domain"}``: the Spanish translation catalogues of installed
-                         programs (/usr/share/locale/es/LC_MESSAGES/*.mo, read with ``gettext``)
-=======================  ===========================================================================
+===============================  ===================================================================
+``fortunes.jsonl``               ``{"text", "label"}``: Debian ``fortunes`` (the epigrams of
+                                 /usr/share/games/fortunes, labelled by their file: art, computers, food ...)
+``bible_en_es.jsonl``            ``{"en", "es", "ref"}``: aligned verses of the Debian SWORD modules
+                                 ``sword-text-kjv`` (King James) and ``sword-text-sparv`` (Reina-Valera
+                                 1909), read with ``pysword``
+``messages_en_es.jsonl``         ``{"en", "es", "domain"}``: the Spanish translation catalogues of installed
+                                 programs (/usr/share/locale/es/LC_MESSAGES/*.mo, read with ``gettext``)
+``debian_descriptions.jsonl``    ``{"document", "summary", "package", "source", "section"}``: Debian
+                                 package long descriptions and their one-line synopses (apt's indexes and
+                                 dpkg's status, :mod:`relkd.data.text.debian`)
+===============================  ===================================================================
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ FILES = {
     "fortunes": "fortunes.jsonl",
     "bible": "bible_en_es.jsonl",
     "messages": "messages_en_es.jsonl",
+    "debian": "debian_descriptions.jsonl",
 }
 
 
@@ -45,7 +49,7 @@ def text_data_dir(root: str | Path | None = None) -> Path:
 
 
 def cached_file(source: str, root: str | Path | None = None) -> Path:
-    """The cached file of an offline source (``fortunes``, ``bible``, ``messages``).
+    """The cached file of an offline source (``fortunes``, ``bible``, ``messages``, ``debian``).
 
     Raises:
         KeyError: an unknown source. FileNotFoundError: not prepared yet; says how to prepare it.

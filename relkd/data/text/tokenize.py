@@ -11,7 +11,7 @@ from torch import Tensor
 
 from relkd.hub import load_tokenizer
 
-__all__ = ["encode", "load_tokenizer", "special_ids"]
+__all__ = ["encode", "encode_labels", "load_tokenizer", "special_ids"]
 
 
 def special_ids(tokenizer: Any) -> list[int]:
@@ -30,3 +30,23 @@ def encode(tokenizer: Any, texts: Sequence[str], max_length: int) -> Tensor:
         list(texts), max_length=max_length, truncation=True, padding="max_length", return_tensors="pt"
     )
     return out["input_ids"].long()
+
+
+def encode_labels(tokenizer: Any, texts: Sequence[str], max_length: int) -> Tensor:
+    """``[N, max_length]`` int64 ids a decoder learns to produce for ``texts``: the tokenizer's encoding
+    without its leading special token (``[CLS]``, ``<s>``; a decoder starts from its own start token),
+    ending with its end token (``[SEP]``, ``</s>``; kept when the text is cut), right-padded with its
+    pad id."""
+    if max_length < 2:
+        raise ValueError(f"max_length must leave room for a token and the end token, got {max_length}")
+    pad = int(tokenizer.pad_token_id or 0)
+    out = torch.full((len(texts), max_length), pad, dtype=torch.long)
+    lead = {tokenizer.cls_token_id, tokenizer.bos_token_id} - {None}
+    end = {tokenizer.sep_token_id, tokenizer.eos_token_id} - {None}
+    for i, ids in enumerate(tokenizer(list(texts), add_special_tokens=True)["input_ids"] if texts else []):
+        if ids and ids[0] in lead:
+            ids = ids[1:]
+        if len(ids) > max_length:
+            ids = ids[: max_length - 1] + ids[-1:] if ids[-1] in end else ids[:max_length]
+        out[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return out
