@@ -31,7 +31,6 @@ def compile(obj: Any, **options: Any) -> Any:  # noqa: A001  (relkd.compile, aft
     return torch.compile(obj, **options)
 
 
-
 def __getattr__(name: str) -> Any:
     # Loaded on first use, so that `relkd --help` does not wait for torch.
     if name == "RelationGraph":
