@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from relkd.graphs.ops import compute_dtype
 from relkd.losses.base import DistillLoss
 from relkd.losses.registry import register
-from relkd.losses.token_kd import token_weights
+from relkd.losses.token_kd import stacked_states, token_weights
 
 __all__ = ["NormalizedHiddenMSELoss", "layer_map", "normalized_hidden_mse"]
 FUNCTIONAL = ("normalized_hidden_mse",)
@@ -62,17 +62,7 @@ def normalized_hidden_mse(
     reduction: str = "mean",
 ) -> torch.Tensor:
     """:math:`\\mathrm{Rep}_b` summed over the mapped layers; the mean over sentences, or ``[B]``."""
-    if student.dim() != 4 or teacher.dim() != 4:
-        raise ValueError(
-            f"normalized_hidden_mse: expected stacked states [B, layers, L, D], got {tuple(student.shape)} "
-            f"and {tuple(teacher.shape)}"
-        )
-    b, n_s, length, d = student.shape
-    if teacher.shape[0] != b or teacher.shape[2:] != (length, d):
-        raise ValueError(
-            f"normalized_hidden_mse: student states {tuple(student.shape)} and teacher states "
-            f"{tuple(teacher.shape)} differ in batch, length or width"
-        )
+    b, n_s, length, d = stacked_states("normalized_hidden_mse", student, teacher)
     if reduction not in REDUCTIONS:
         raise ValueError(f"normalized_hidden_mse: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     mapping = list(layer_map(n_s, teacher.shape[1]) if mapping is None else mapping)

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from relkd.graphs.ops import compute_dtype
 from relkd.losses.base import DistillLoss
 from relkd.losses.registry import register
-from relkd.losses.token_kd import token_weights
+from relkd.losses.token_kd import stacked_states, token_weights
 
 __all__ = ["LAYERS_TO_SUPERVISE", "LayerMSELoss", "layer_mse", "layers_to_supervise", "supervised_layers"]
 FUNCTIONAL = ("layer_mse",)
@@ -88,17 +88,7 @@ def layer_mse(
     normalize: bool = False,
 ) -> torch.Tensor:
     """:math:`\\mathcal{L}` of the module docstring; ``layer_map`` defaults to the copied layers."""
-    if student.dim() != 4 or teacher.dim() != 4:
-        raise ValueError(
-            f"layer_mse: expected stacked states [B, layers + 1, L, D], got {tuple(student.shape)} and "
-            f"{tuple(teacher.shape)}"
-        )
-    b, n_s, length, d = student.shape
-    if teacher.shape[0] != b or teacher.shape[2:] != (length, d):
-        raise ValueError(
-            f"layer_mse: student states {tuple(student.shape)} and teacher states {tuple(teacher.shape)} "
-            "differ in batch, length or width"
-        )
+    b, n_s, length, d = stacked_states("layer_mse", student, teacher)
     mapping = list(supervised_layers(teacher.shape[1] - 1, n_s - 1) if layer_map is None else layer_map)
     if not 0 < len(mapping) <= n_s or not all(0 <= j < teacher.shape[1] for j in mapping):
         raise ValueError(

@@ -32,7 +32,7 @@ from relkd.graphs.ops import compute_dtype
 from relkd.losses.base import DistillLoss
 from relkd.losses.registry import register
 
-__all__ = ["TokenKDLoss", "masked_mean", "token_kd", "token_weights"]
+__all__ = ["TokenKDLoss", "masked_mean", "stacked_states", "token_kd", "token_weights"]
 FUNCTIONAL = ("token_kd",)
 POSITIONS = ("tokens", "masked")
 
@@ -48,6 +48,23 @@ def token_weights(mask: torch.Tensor, length: int, batch: int, name: str) -> tor
     if is_debug() and bool(mask[:, length:].any()):
         raise ValueError(f"{name}: the mask marks positions beyond the tensors' length {length}")
     return (mask[:, :length] != 0).float()
+
+
+def stacked_states(name: str, student: torch.Tensor, teacher: torch.Tensor) -> tuple[int, int, int, int]:
+    """``(B, student layers, L, D)`` of stacked hidden states ``[B, layers, L, D]`` on both sides (the
+    layer counts may differ); raises ``ValueError`` naming ``name`` otherwise."""
+    if student.dim() != 4 or teacher.dim() != 4:
+        raise ValueError(
+            f"{name}: expected stacked states [B, layers, L, D], got {tuple(student.shape)} and "
+            f"{tuple(teacher.shape)}"
+        )
+    b, n_s, length, d = student.shape
+    if teacher.shape[0] != b or teacher.shape[2:] != (length, d):
+        raise ValueError(
+            f"{name}: student states {tuple(student.shape)} and teacher states {tuple(teacher.shape)} "
+            "differ in batch, length or width"
+        )
+    return b, n_s, length, d
 
 
 def masked_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -215,33 +215,25 @@ class VisionTransformer(nn.Module):
         return f"patch_size={self.patch_size}, num_patches={self.num_patches}, distilled={self.distilled}"
 
 
-@register("deit_tiny")
-def deit_tiny(
-    num_classes: int = 10,
-    in_shape: Sequence[int] = (1, 8, 8),
-    patch_size: int | None = None,
-    dim: int = 64,
-    depth: int = 4,
-    heads: int = 4,
-    mlp_ratio: float = 4.0,
-    drop_path: float = 0.1,
-) -> VisionTransformer:
-    """A small :class:`VisionTransformer` with DeiT's distillation token and second head."""
-    return VisionTransformer(in_shape, num_classes, patch_size, dim, depth, heads, mlp_ratio, drop_path, True)
+def _tiny(distilled: bool):
+    def build(
+        num_classes: int = 10,
+        in_shape: Sequence[int] = (1, 8, 8),
+        patch_size: int | None = None,
+        dim: int = 64,
+        depth: int = 4,
+        heads: int = 4,
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.1,
+    ) -> VisionTransformer:
+        return VisionTransformer(
+            in_shape, num_classes, patch_size, dim, depth, heads, mlp_ratio, drop_path, distilled
+        )
+
+    return build
 
 
-@register("vit_tiny")
-def vit_tiny(
-    num_classes: int = 10,
-    in_shape: Sequence[int] = (1, 8, 8),
-    patch_size: int | None = None,
-    dim: int = 64,
-    depth: int = 4,
-    heads: int = 4,
-    mlp_ratio: float = 4.0,
-    drop_path: float = 0.1,
-) -> VisionTransformer:
-    """The same :class:`VisionTransformer` without the distillation token (one head)."""
-    return VisionTransformer(
-        in_shape, num_classes, patch_size, dim, depth, heads, mlp_ratio, drop_path, False
-    )
+deit_tiny = register("deit_tiny")(_tiny(distilled=True))
+deit_tiny.__doc__ = "A small :class:`VisionTransformer` with DeiT's distillation token and second head."
+vit_tiny = register("vit_tiny")(_tiny(distilled=False))
+vit_tiny.__doc__ = "The same :class:`VisionTransformer` without the distillation token (one head)."
