@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-__all__ = ["MINILM", "load_tokenizer", "resolve_pretrained", "transformers_module"]
+__all__ = ["MINILM", "load_tokenizer", "quiet_load", "resolve_pretrained", "transformers_module"]
 
 MINILM = "minilm"
 
@@ -25,6 +25,24 @@ def transformers_module() -> Any:
             "text models need the optional dependency 'transformers': pip install 'relkd[text]'"
         ) from None
     return transformers
+
+
+def quiet_load(load: Any, *args: Any, **kwargs: Any) -> Any:
+    """``load(*args, **kwargs)`` (a ``from_pretrained``) without ``transformers``' warnings about
+    unused or newly initialised weights and without its progress bars; its verbosity is restored."""
+    import warnings
+
+    transformers = transformers_module()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        previous = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        try:
+            return load(*args, **kwargs)
+        finally:
+            transformers.logging.set_verbosity(previous)
+            transformers.logging.enable_progress_bar()
 
 
 def resolve_pretrained(name: str) -> str:

@@ -48,14 +48,13 @@ student. ``freeze: [encoder, embeddings]`` excludes parts from training (the aut
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from relkd.hub import MINILM, load_tokenizer, resolve_pretrained, transformers_module
+from relkd.hub import MINILM, load_tokenizer, quiet_load, resolve_pretrained, transformers_module
 from relkd.models.text import layers_to_copy
 from relkd.models.zoo import register
 
@@ -327,20 +326,6 @@ def copy_seq2seq(
     return list(encoder_map), list(decoder_map)
 
 
-def _quiet_load(load, *args: Any, **kwargs: Any) -> nn.Module:
-    transformers = transformers_module()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        previous = transformers.logging.get_verbosity()
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-        try:
-            return load(*args, **kwargs)
-        finally:
-            transformers.logging.set_verbosity(previous)
-            transformers.logging.enable_progress_bar()
-
-
 def _part(name: str | None, overrides: Mapping[str, Any], decoder: bool, meta: bool) -> nn.Module:
     """An encoder (``AutoModel``) or a decoder with cross-attention (``AutoModelForCausalLM``)."""
     transformers = transformers_module()
@@ -354,7 +339,7 @@ def _part(name: str | None, overrides: Mapping[str, Any], decoder: bool, meta: b
     config = transformers.AutoConfig.from_pretrained(path, **{**dict(overrides), **role})
     if meta:
         return auto.from_config(config, **extra)
-    return _quiet_load(auto.from_pretrained, path, config=config, **extra)
+    return quiet_load(auto.from_pretrained, path, config=config, **extra)
 
 
 @register("seq2seq_transformer")
@@ -398,7 +383,7 @@ def seq2seq_transformer(
             config = transformers.AutoConfig.from_pretrained(path)
             model = transformers.AutoModelForSeq2SeqLM.from_config(config)
         else:
-            model = _quiet_load(transformers.AutoModelForSeq2SeqLM.from_pretrained, path)
+            model = quiet_load(transformers.AutoModelForSeq2SeqLM.from_pretrained, path)
         start = model.config.decoder_start_token_id
         end = model.config.eos_token_id
     else:

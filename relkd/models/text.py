@@ -45,7 +45,6 @@ a built student.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -54,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from relkd.hub import MINILM, load_tokenizer, resolve_pretrained, transformers_module
+from relkd.hub import MINILM, load_tokenizer, quiet_load, resolve_pretrained, transformers_module
 from relkd.models.zoo import register
 
 __all__ = [
@@ -390,16 +389,8 @@ def text_transformer(
         options["attn_implementation"] = "eager"
     cfg = type(base)(**options)
     if path is not None and not meta:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            previous = transformers.logging.get_verbosity()
-            transformers.logging.set_verbosity_error()
-            transformers.logging.disable_progress_bar()
-            try:
-                encoder = transformers.AutoModel.from_pretrained(path, config=cfg, add_pooling_layer=False)
-            finally:
-                transformers.logging.set_verbosity(previous)
-                transformers.logging.enable_progress_bar()
+        load = transformers.AutoModel.from_pretrained
+        encoder = quiet_load(load, path, config=cfg, add_pooling_layer=False)
     else:
         encoder = transformers.AutoModel.from_config(cfg, add_pooling_layer=False)
     if layers is not None:
