@@ -247,13 +247,14 @@ def test_compiled_crd_step_equals_eager_and_moves_the_banks_alike():
 @pytest.mark.slow
 def test_train_compile_gives_the_eager_run(tmp_path):
     """``train.compile: true`` compiles the step's networks and losses; the run's accuracy and final
-    weights equal the eager run's to float tolerance (same seeds, same batches)."""
+    weights equal the eager run's to float tolerance (same seeds, same batches). Eleven engines in
+    one process with a loss on the feature map: past dynamo's recompile limit of 8, compilation fell
+    back in a way that lost that tap (KeyError 'feature_map') before each run reset the caches."""
     from relkd.cli import main
 
     common = [
-        "methods=[kd, rkd]", "seeds=[0]", "data.train_subset=40", "data.batch_size=16",
-        "data.transfer_batch_size=64", "teacher.model=mlp", "teacher.args={width: 32, depth: 1}",
-        "student.model=mlp", "student.args={width: 16, depth: 1}", "train.epochs=1",
+        "methods=[kd, sp]", "seeds=[0, 1, 2, 3, 4]", "data.train_subset=40", "data.batch_size=16",
+        "data.transfer_batch_size=64", "teacher.args={width: 8}", "student.args={width: 4}", "train.epochs=1",
         "teacher.train.epochs=1", "tensorboard=false", "probe_size=16", "check_teachers=false", "--quiet",
     ]  # fmt: skip
     from torch._dynamo.utils import counters
@@ -262,8 +263,9 @@ def test_train_compile_gives_the_eager_run(tmp_path):
     counters.clear()
     assert main(["run", f"out={tmp_path / 'compiled'}", *common, "train.compile=true"]) == 0
     assert counters["stats"]["unique_graphs"] > 0  # the compiled run did compile
-    for method in ("kd", "rkd"):
-        eager = torch.load(tmp_path / "eager" / method / "seed0" / "final.pt", weights_only=True)
-        compiled = torch.load(tmp_path / "compiled" / method / "seed0" / "final.pt", weights_only=True)
+    for method, seed in ((m, s) for m in ("kd", "sp") for s in range(5)):
+        run = f"{method}/seed{seed}/final.pt"
+        eager = torch.load(tmp_path / "eager" / run, weights_only=True)
+        compiled = torch.load(tmp_path / "compiled" / run, weights_only=True)
         for key, value in eager["students"]["student"].items():
-            torch.testing.assert_close(compiled["students"]["student"][key], value, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(compiled["students"]["student"][key], value, rtol=1e-3, atol=1e-4)

@@ -252,6 +252,11 @@ class Engine:
         trained = [self.root[n] for n in self.students] + [self.root[LOSS], self.root[STEP_MODULES]]
         self.sync_bn = use_global_batchnorm(trained, sync_bn)
         self.compile = compile
+        if compile:
+            # A suite builds new networks for every run: the graphs compiled for the previous run's
+            # modules (guarded on their identity) are of no further use, and counting them towards
+            # dynamo's recompile limit would silently turn this run's compilation off.
+            torch._dynamo.reset()
         # The steps call compiled wrappers of the networks (evaluation and the probe call the networks
         # themselves, so they add no compilation); loss modules are compiled in place.
         self._compiled = (
