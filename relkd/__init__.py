@@ -22,8 +22,12 @@ def compile(obj: Any, **options: Any) -> Any:  # noqa: A001  (relkd.compile, aft
         >>> loss = relkd.compile(relkd.losses.build("pkt"))
         >>> value = loss(student_features, teacher_features)
     """
+    import warnings
+
     import torch
 
+    # inductor's own use of a deprecated torch helper warns once per compiled graph: not the user's
+    warnings.filterwarnings("ignore", message=r".*torch\._prims_common\.check", category=FutureWarning)
     options.setdefault("dynamic", False)
     if isinstance(obj, torch.nn.Module):
         obj.compile(**options)

@@ -257,6 +257,9 @@ class Engine:
             # modules (guarded on their identity) are of no further use, and counting them towards
             # dynamo's recompile limit would silently turn this run's compilation off.
             torch._dynamo.reset()
+            warnings.filterwarnings(
+                "ignore", message=r".*torch\._prims_common\.check", category=FutureWarning
+            )  # inductor's own use of a deprecated helper, once per compiled graph
         # The steps call compiled wrappers of the networks (evaluation and the probe call the networks
         # themselves, so they add no compilation); loss modules are compiled in place.
         self._compiled = (
