@@ -174,3 +174,17 @@ def test_agreement_rejects_mismatched_batches_and_batched_graphs():
         agreement(_randn(10, 3), _randn(12, 3))
     with pytest.raises(ValueError, match="one graph"):
         agreement(RelationGraph(_randn(2, 10, 3)), _randn(10, 3))
+
+
+def test_a_collapsed_network_has_an_undefined_rank_correlation_and_no_warning():
+    """Every probe image mapped to one embedding: no distance order, so Spearman's rho is NaN, said
+    without SciPy's ConstantInputWarning in the run's output."""
+    import math
+    import warnings
+
+    teacher = torch.randn(12, 5, generator=torch.Generator().manual_seed(0))
+    collapsed = torch.ones(12, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = agreement(collapsed, teacher)
+    assert math.isnan(result["distance_spearman"])

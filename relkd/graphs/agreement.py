@@ -166,6 +166,10 @@ def _upper_distances(g: RelationGraph) -> torch.Tensor:
 
 
 def _spearman(a, b) -> float:
+    """Spearman's rho; NaN (undefined, without SciPy's warning) when either side is constant, e.g. a
+    network that maps every probe image to the same embedding."""
+    if len(a) < 2 or (a == a[0]).all() or (b == b[0]).all():
+        return float("nan")
     return float(spearmanr(a, b).statistic)
 
 
