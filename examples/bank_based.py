@@ -31,105 +31,13 @@ CE + 1 x KD (T = 4) + 3 x HKD. Both draw 1,024 negatives, as relkd's digits expe
 from __future__ import annotations
 
 import sys
-from collections import OrderedDict
 
 import torch
-import torch.nn.functional as F
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
+from setting import accuracy, hide_labels, load, mlp, train_student, train_teacher
 from torch import nn
 
-import relkd.data
 import relkd.losses
 from relkd.models import FeatureTaps
-
-
-def mlp(in_features: int, width: int, num_classes: int = 10) -> nn.Sequential:
-    """Two hidden layers of ``width`` units; ``fc`` is the classifier."""
-    return nn.Sequential(
-        OrderedDict(
-            flatten=nn.Flatten(),
-            hidden=nn.Sequential(
-                nn.Linear(in_features, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU()
-            ),
-            fc=nn.Linear(width, num_classes),
-        )
-    )
-
-
-def load(name: str = "digits") -> tuple[torch.Tensor, ...]:
-    """``(x_train, y_train, x_test, y_test)``: normalised images ``[N, 1, H, W]``, labels ``[N]``."""
-    if name == "digits":
-        data = load_digits()
-        split = train_test_split(
-            data.images[:, None], data.target, test_size=450, random_state=0, stratify=data.target
-        )
-        xtr, xte, ytr, yte = (torch.tensor(a) for a in split)
-        mean, std = xtr.mean(), xtr.std()  # normalised with the training images' statistics
-        return ((xtr - mean) / std).float(), ytr.long(), ((xte - mean) / std).float(), yte.long()
-    bundle = relkd.data.build(name, train_subset=10000, augment=False)  # normalised, not augmented
-    train, test = (
-        next(iter(torch.utils.data.DataLoader(d, batch_size=len(d)))) for d in (bundle.train, bundle.test)
-    )
-    return train["input"], train["target"], test["input"], test["target"]
-
-
-def hide_labels(y: torch.Tensor, labels: int, seed: int) -> torch.Tensor:
-    """``y`` with ``-1`` (unknown) except for ``labels`` images, a seeded class-balanced choice; the
-    others (``labels`` must leave some) are the students' unlabelled images."""
-    keep, _ = relkd.data.class_balanced_indices(y, labels, 10, seed)
-    return torch.full_like(y, -1).index_copy(0, keep, y[keep])
-
-
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    model.eval()
-    with torch.no_grad():
-        return (model(x).argmax(1) == y).float().mean().item()
-
-
-def train_teacher(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int) -> nn.Module:
-    """The cross-entropy on every training image: AdamW, lr 3e-3, cosine schedule, batches of 64."""
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * -(-len(x) // 64))
-    rng = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        model.train()
-        for idx in torch.randperm(len(x), generator=rng).split(64):
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    return model.eval()
-
-
-def train_student(model, x, y, epochs, seed, distill=None, loss=None):
-    """AdamW, lr 3e-3, cosine schedule, over the student's and ``loss``'s parameters. Each step takes
-    32 labelled images for the cross-entropy and, with ``distill(logits, idx)``, 64 unlabelled ones
-    more: the distillation terms see the whole batch (``idx``, its positions in the training set,
-    labelled first). An epoch is one pass over the unlabelled images; the student alone takes the same
-    steps on the same labelled images. Returns the optimiser."""
-    labelled, unlabelled = (y >= 0).nonzero().flatten(), (y < 0).nonzero().flatten()
-    params = [*model.parameters(), *(loss.parameters() if loss is not None else ())]
-    opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * -(-len(unlabelled) // 64))
-    rng = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        model.train()
-        if loss is not None:
-            loss.train()  # the banks are updated in train mode only
-        for rest in unlabelled[torch.randperm(len(unlabelled), generator=rng)].split(64):
-            lab = labelled[torch.randint(len(labelled), (32,), generator=rng)]
-            idx = lab if distill is None else torch.cat([lab, rest])
-            logits = model(x[idx])
-            objective = F.cross_entropy(logits[:32], y[lab])
-            if distill is not None:
-                objective = objective + distill(logits, idx)
-            opt.zero_grad()
-            objective.backward()
-            opt.step()
-            sched.step()
-    return opt
 
 
 def main(
@@ -168,7 +76,8 @@ def main(
             teacher(xtr[idx])
         return 0.8 * crd(s_taps["emb"], t_taps["emb"], idx)
 
-    opt = train_student(student, xtr, y, epochs, seed, crd_distill, loss=crd)
+    params = [*student.parameters(), *crd.parameters()]  # the projections train with the student
+    opt = train_student(student, xtr, y, epochs, seed, crd_distill, params=params, modules=[crd])
     acc["crd"] = accuracy(student, xte, yte)
     save(checkpoint, "crd", student, crd, opt)
     s_taps.remove()
@@ -184,7 +93,8 @@ def main(
             t_logits = teacher(xtr[idx])
         return 1.0 * kd(logits, t_logits) + 3.0 * hkd(s_taps["emb"], t_taps["emb"], logits, t_logits, idx)
 
-    opt = train_student(student, xtr, y, epochs, seed, hkd_distill, loss=hkd)
+    params = [*student.parameters(), *hkd.parameters()]  # projections and graph encoders
+    opt = train_student(student, xtr, y, epochs, seed, hkd_distill, params=params, modules=[hkd])
     acc["hkd"] = accuracy(student, xte, yte)
     save(checkpoint, "hkd", student, hkd, opt)
 

@@ -35,111 +35,12 @@ from __future__ import annotations
 import sys
 
 import torch
-import torch.nn.functional as F
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
-from torch import nn
+from setting import CNN, accuracy, hide_labels, load, train_student, train_teacher
 
-import relkd.data
 import relkd.losses
-from relkd.methods import sigmoid
 from relkd.models import FeatureTaps
-from relkd.train import clip_to_ce_backward
 
 TAPS = {"stage1": "layer1", "stage2": "layer2", "stage3": "layer3"}  # tap name -> module path
-
-
-class CNN(nn.Module):
-    """Three conv stages (``width``, ``2 width``, ``4 width`` channels; the last two halve the map),
-    global average pooling and a linear classifier ``fc``."""
-
-    def __init__(self, width: int, num_classes: int = 10) -> None:
-        super().__init__()
-
-        def stage(a: int, b: int, stride: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(a, b, 3, stride, 1, bias=False), nn.BatchNorm2d(b), nn.ReLU())
-
-        self.layer1 = stage(1, width, 1)
-        self.layer2 = stage(width, 2 * width, 2)
-        self.layer3 = stage(2 * width, 4 * width, 2)
-        self.fc = nn.Linear(4 * width, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return self.fc(x.mean((2, 3)))
-
-
-def load(name: str = "digits") -> tuple[torch.Tensor, ...]:
-    """``(x_train, y_train, x_test, y_test)``: normalised images ``[N, 1, H, W]``, labels ``[N]``."""
-    if name == "digits":
-        data = load_digits()
-        split = train_test_split(
-            data.images[:, None], data.target, test_size=450, random_state=0, stratify=data.target
-        )
-        xtr, xte, ytr, yte = (torch.tensor(a) for a in split)
-        mean, std = xtr.mean(), xtr.std()  # normalised with the training images' statistics
-        return ((xtr - mean) / std).float(), ytr.long(), ((xte - mean) / std).float(), yte.long()
-    bundle = relkd.data.build(name, train_subset=10000, augment=False)  # normalised, not augmented
-    train, test = (
-        next(iter(torch.utils.data.DataLoader(d, batch_size=len(d)))) for d in (bundle.train, bundle.test)
-    )
-    return train["input"], train["target"], test["input"], test["target"]
-
-
-def hide_labels(y: torch.Tensor, labels: int, seed: int) -> torch.Tensor:
-    """``y`` with ``-1`` (unknown) except for ``labels`` images, a seeded class-balanced choice; the
-    others (``labels`` must leave some) are the students' unlabelled images."""
-    keep, _ = relkd.data.class_balanced_indices(y, labels, 10, seed)
-    return torch.full_like(y, -1).index_copy(0, keep, y[keep])
-
-
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    model.eval()
-    with torch.no_grad():
-        return (model(x).argmax(1) == y).float().mean().item()
-
-
-def train_teacher(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int) -> nn.Module:
-    """The cross-entropy on every training image: AdamW, lr 3e-3, cosine schedule, batches of 64."""
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * -(-len(x) // 64))
-    rng = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        model.train()
-        for idx in torch.randperm(len(x), generator=rng).split(64):
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    return model.eval()
-
-
-def train_student(model, x, y, epochs, seed, distill=None, loss=None):
-    """AdamW, lr 3e-3, cosine schedule, over the student's and ``loss``'s parameters. Each step takes
-    32 labelled images for the cross-entropy and, with ``distill(x_batch)``, 64 unlabelled ones more
-    for the distillation loss, whose gradient is clipped to the cross-entropy's (the authors' rule). An
-    epoch is one pass over the unlabelled images; the student alone takes the same steps on the same
-    labelled images."""
-    labelled, unlabelled = (y >= 0).nonzero().flatten(), (y < 0).nonzero().flatten()
-    params = [*model.parameters(), *(loss.parameters() if loss is not None else ())]
-    opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * -(-len(unlabelled) // 64))
-    rng = torch.Generator().manual_seed(seed)
-    for epoch in range(epochs):
-        model.train()
-        for rest in unlabelled[torch.randperm(len(unlabelled), generator=rng)].split(64):
-            lab = labelled[torch.randint(len(labelled), (32,), generator=rng)]
-            idx = lab if distill is None else torch.cat([lab, rest])
-            ce = F.cross_entropy(model(x[idx])[:32], y[lab])
-            opt.zero_grad()
-            if distill is None:
-                ce.backward()
-            else:
-                clip_to_ce_backward(ce, distill(x[idx]), params, ramp=sigmoid(epoch))
-            opt.step()
-            sched.step()
-    return model
 
 
 def pretrain_heads(mhgd, teacher, t_taps, x, epochs, seed):
@@ -178,7 +79,9 @@ def main(
     acc = {"teacher": accuracy(teacher, xte, yte)}
 
     torch.manual_seed(seed)
-    acc["student"] = accuracy(train_student(CNN(width=8), xtr, y, epochs, seed), xte, yte)
+    student = CNN(width=8)
+    train_student(student, xtr, y, epochs, seed)
+    acc["student"] = accuracy(student, xte, yte)
 
     for name in losses:
         torch.manual_seed(seed)
@@ -189,12 +92,13 @@ def main(
             pretrain_heads(loss, teacher, t_taps, xtr, head_epochs, seed)
         loss.train()
 
-        def distill(xb, loss=loss, s_taps=s_taps):
+        def distill(logits, idx, loss=loss, s_taps=s_taps):
             with torch.no_grad():
-                teacher(xb)
+                teacher(xtr[idx])
             return loss([s_taps[k] for k in TAPS], [t_taps[k] for k in TAPS])
 
-        train_student(student, xtr, y, epochs, seed, distill, loss)
+        params = [*student.parameters(), *loss.parameters()]  # the 1x1 connectors train too
+        train_student(student, xtr, y, epochs, seed, distill, params=params, clip_to_ce=True)
         acc[name] = accuracy(student, xte, yte)
         s_taps.remove()
 

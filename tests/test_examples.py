@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -25,10 +26,15 @@ FAST = {
 
 
 def load_example(name: str) -> ModuleType:
-    """The module examples/<name>.py (the folder is not a package)."""
+    """The module examples/<name>.py (the folder is not a package), imported with the folder on the
+    path as when it runs as a script, so that its ``from setting import ...`` finds the shared setting."""
     spec = importlib.util.spec_from_file_location(f"relkd_example_{name}", ROOT / "examples" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
     return module
 
 
