@@ -22,17 +22,22 @@ def compile(obj: Any, **options: Any) -> Any:  # noqa: A001  (relkd.compile, aft
         >>> loss = relkd.compile(relkd.losses.build("pkt"))
         >>> value = loss(student_features, teacher_features)
     """
-    import warnings
-
     import torch
 
-    # inductor's own use of a deprecated torch helper warns once per compiled graph: not the user's
-    warnings.filterwarnings("ignore", message=r".*torch\._prims_common\.check", category=FutureWarning)
+    _quiet_inductor()
     options.setdefault("dynamic", False)
     if isinstance(obj, torch.nn.Module):
         obj.compile(**options)
         return obj
     return torch.compile(obj, **options)
+
+
+def _quiet_inductor() -> None:
+    """Silence inductor's own use of a deprecated torch helper, which warns once per compiled graph
+    (a warning about torch's internals, not about the user's code)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*torch\._prims_common\.check", category=FutureWarning)
 
 
 def __getattr__(name: str) -> Any:

@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from relkd import _quiet_inductor
 from relkd import distributed as D
 from relkd.evaluation import EvalContext
 from relkd.evaluation.robust import PixelSpace
@@ -257,9 +258,7 @@ class Engine:
             # modules (guarded on their identity) are of no further use, and counting them towards
             # dynamo's recompile limit would silently turn this run's compilation off.
             torch._dynamo.reset()
-            warnings.filterwarnings(
-                "ignore", message=r".*torch\._prims_common\.check", category=FutureWarning
-            )  # inductor's own use of a deprecated helper, once per compiled graph
+            _quiet_inductor()
         # The steps call compiled wrappers of the networks (evaluation and the probe call the networks
         # themselves, so they add no compilation); loss modules are compiled in place.
         self._compiled = (
